@@ -1,0 +1,36 @@
+# Two commands set up a fresh machine:  make demo  (the offline demo)  and  make test.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: demo test venv data lint clean-demo
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -m pip install --quiet -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither"; test $${PIPESTATUS[0]} -eq 0
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Debian's Fashion-MNIST package, where apt is available (the demo's data; tests do not need it).
+data:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "no apt-get: set world.source in params.yaml to a folder with the Fashion-MNIST idx files"; fi
+
+demo: venv data
+	dvc repro
+
+test: venv
+	$(PY) -m pytest
+
+lint: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean-demo:
+	rm -rf data/world data/crawl

@@ -1,0 +1,317 @@
+"""The crawl loop: classes -> queries -> engines -> candidate URLs -> downloads, resumable.
+
+``Crawler.run(classes)`` is what ``kd3 crawl`` calls. For each class it gathers candidates from
+every engine and query template (interleaved by rank, duplicates dropped), then downloads them on a
+thread pool until the class has ``per_class`` images or runs out of candidates. Everything it learns
+is appended to files in ``out_dir`` as it happens:
+
+- ``searches.jsonl``: the URL list each (class, engine, query) search returned, so a rerun does
+  not query the engines again;
+- ``manifest.jsonl``: one line per (class, URL) outcome (``crawl.manifest.ImageRecord``);
+- ``objects/``: the images, content-addressed (``crawl.store``).
+
+A rerun reads both files back and requests only URLs that have not reached a final state. A URL
+already fetched for another class is recorded for this class too, without a second request.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from crawl.classes import ClassName
+from crawl.download import Fetcher, FetchOutcome
+from crawl.manifest import ImageRecord, JsonlWriter, iter_jsonl, latest_records
+from crawl.sources import ImageSource, SourceError
+from crawl.store import DiskFullError, ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+class CrawlError(RuntimeError):
+    """The crawl finished but did not get what it needed (the message lists every problem)."""
+
+    def __init__(self, message: str, reports: list[ClassReport] | None = None) -> None:
+        super().__init__(message)
+        self.reports = reports or []
+
+
+@dataclass
+class Candidate:
+    url: str
+    engine: str
+    query: str
+    rank: int
+
+
+@dataclass
+class ClassReport:
+    """Per-class outcome, accumulated over this and earlier runs (latest record per URL)."""
+
+    name: str
+    index: int
+    candidates: dict[str, int] = field(default_factory=dict)  # engine -> unique URLs found
+    downloaded: int = 0  # images stored for this class (all runs)
+    new: int = 0  # of which in this run
+    requests: int = 0  # URLs requested over the network in this run
+    failed: Counter[str] = field(default_factory=Counter)  # reason -> URLs
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "index": self.index,
+            "candidates": self.candidates,
+            "downloaded": self.downloaded,
+            "new": self.new,
+            "requests": self.requests,
+            "failed": dict(sorted(self.failed.items())),
+        }
+
+
+def interleave(lists: list[list[Candidate]]) -> list[Candidate]:
+    """Round-robin by rank across result lists, keeping the first sighting of each URL."""
+    out: list[Candidate] = []
+    seen: set[str] = set()
+    for i in range(max((len(x) for x in lists), default=0)):
+        for lst in lists:
+            if i < len(lst) and lst[i].url not in seen:
+                seen.add(lst[i].url)
+                out.append(lst[i])
+    return out
+
+
+class Crawler:
+    """Runs the crawl over one output folder; see the module docstring."""
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        sources: dict[str, ImageSource],
+        queries_for: Callable[[ClassName], list[str]],
+        fetcher: Fetcher,
+        *,
+        workers: int = 8,
+        per_class: int = 100,
+        oversample: float = 1.5,
+        min_per_class: int = 1,
+        progress: bool = True,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.sources = sources
+        self.queries_for = queries_for
+        self.fetcher = fetcher
+        self.workers = workers
+        self.per_class = per_class
+        self.oversample = oversample
+        self.min_per_class = min_per_class
+        self.progress = progress
+        self.store = ObjectStore(self.out_dir)
+        self.manifest_path = self.out_dir / "manifest.jsonl"
+        self.searches_path = self.out_dir / "searches.jsonl"
+
+    # ------------------------------------------------------------------------------------------
+    def run(self, classes: list[ClassName]) -> list[ClassReport]:
+        """Crawl every class; raise ``CrawlError`` listing classes that came back short."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with self.store:
+            latest = latest_records(self.manifest_path)
+            # URL -> a final outcome from any class, reused instead of a second request
+            known: dict[str, ImageRecord] = {r.url: r for r in latest.values() if r.is_final}
+            searches = {
+                (d["class_name"], d["engine"], d["query"], d["max_num"]): d["urls"]
+                for d in iter_jsonl(self.searches_path)
+            }
+            problems: list[str] = []
+            reports: list[ClassReport] = []
+            with (
+                JsonlWriter(self.manifest_path) as manifest,
+                JsonlWriter(self.searches_path) as search_log,
+                ThreadPoolExecutor(self.workers, thread_name_prefix="kd3-dl") as pool,
+            ):
+                for cls in classes:
+                    report = ClassReport(cls.name, cls.index)
+                    candidates = self._candidates(cls, searches, search_log, report, problems)
+                    self._download(cls, candidates, latest, known, manifest, pool, report)
+                    reports.append(report)
+                    if report.downloaded < self.min_per_class:
+                        problems.append(
+                            f"class {cls.name!r}: {report.downloaded} images downloaded, "
+                            f"fewer than min_per_class={self.min_per_class}"
+                        )
+        if problems:
+            raise CrawlError("\n".join(problems), reports)
+        return reports
+
+    # ------------------------------------------------------------------------------------------
+    def _candidates(
+        self,
+        cls: ClassName,
+        searches: dict[tuple[str, str, str, int], list[str]],
+        search_log: JsonlWriter,
+        report: ClassReport,
+        problems: list[str],
+    ) -> list[Candidate]:
+        queries = self.queries_for(cls)
+        max_num = math.ceil(self.per_class * self.oversample)  # per engine and query; overlap is deduped
+        lists: list[list[Candidate]] = []
+        for engine, source in self.sources.items():
+            engine_urls: set[str] = set()
+            for query in queries:
+                key = (cls.name, engine, query, max_num)
+                urls = searches.get(key)
+                if urls is None:
+                    try:
+                        urls = source.search(cls, query, max_num)
+                    except SourceError as e:
+                        problems.append(f"class {cls.name!r}, engine {engine}: {e}")
+                        continue
+                    searches[key] = urls
+                    search_log.write(
+                        {"class_name": cls.name, "engine": engine, "query": query, "max_num": max_num, "urls": urls,
+                         "time": time.time()}
+                    )  # fmt: skip
+                lists.append([Candidate(u, engine, query, rank) for rank, u in enumerate(urls)])
+                engine_urls.update(urls)
+            report.candidates[engine] = len(engine_urls)
+            if not engine_urls:
+                problems.append(f"class {cls.name!r}: 0 candidate URLs from engine {engine} (parser returned nothing)")
+        return interleave(lists)
+
+    # ------------------------------------------------------------------------------------------
+    def _download(
+        self,
+        cls: ClassName,
+        candidates: list[Candidate],
+        latest: dict[tuple[str, str], ImageRecord],
+        known: dict[str, ImageRecord],
+        manifest: JsonlWriter,
+        pool: ThreadPoolExecutor,
+        report: ClassReport,
+    ) -> None:
+        mine = {url: r for (name, url), r in latest.items() if name == cls.name}
+        report.downloaded = sum(r.status == "ok" for r in mine.values())
+        for r in mine.values():
+            if r.status != "ok":
+                report.failed[r.reason or "unknown"] += 1
+        todo = [c for c in candidates if not (c.url in mine and mine[c.url].is_final)]
+        bar = tqdm(
+            total=self.per_class,
+            initial=min(report.downloaded, self.per_class),
+            desc=cls.name[:28].ljust(28),
+            unit="img",
+            disable=not self.progress,
+            file=sys.stderr,
+            leave=True,
+        )
+        inflight: dict[Future[FetchOutcome], Candidate] = {}
+        it = iter(todo)
+
+        def record(c: Candidate, **fields: Any) -> None:
+            old = mine.get(c.url)
+            if old is not None and old.status != "ok":
+                report.failed[old.reason or "unknown"] -= 1
+            rec = ImageRecord(cls.name, cls.index, c.query, c.engine, c.rank, c.url, time=time.time(), **fields)
+            manifest.write(rec)
+            mine[c.url] = rec
+            if rec.status == "ok":
+                report.downloaded += 1
+                report.new += 1
+                bar.update(1)
+            else:
+                report.failed[rec.reason or "unknown"] += 1
+            if rec.is_final:
+                known.setdefault(c.url, rec)
+
+        try:
+            while True:
+                # keep the pool busy, but never with more work than the class still needs
+                while len(inflight) < self.workers and report.downloaded + len(inflight) < self.per_class:
+                    c = next(it, None)
+                    if c is None:
+                        break
+                    prior = known.get(c.url)
+                    if prior is not None:  # fetched already for another class: no second request
+                        record(c, **_outcome_fields(prior))
+                        continue
+                    report.requests += 1
+                    inflight[pool.submit(self.fetcher.download, c.url, self.store)] = c
+                if not inflight:
+                    break
+                done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    c = inflight.pop(fut)
+                    out = fut.result()  # DiskFullError propagates: the crawl cannot go on
+                    if out.reason == "interrupted":
+                        continue  # not an outcome: the URL stays pending for the next run
+                    record(c, **self._fields(out))
+        except (KeyboardInterrupt, DiskFullError):
+            self.fetcher.stop.set()
+            for fut, c in list(inflight.items()):
+                try:
+                    out = fut.result()
+                except DiskFullError:
+                    continue
+                if out.reason != "interrupted":
+                    record(c, **self._fields(out))
+            raise
+        finally:
+            bar.close()
+        report.failed = +report.failed  # drop reasons whose count went back to zero
+
+    def _fields(self, out: FetchOutcome) -> dict[str, Any]:
+        path = str(out.path.relative_to(self.out_dir)) if out.path is not None else None
+        return {
+            "status": "ok" if out.ok else "failed",
+            "reason": out.reason,
+            "sha256": out.sha256,
+            "path": path,
+            "bytes": out.bytes,
+            "width": out.width,
+            "height": out.height,
+            "format": out.format,
+            "final_url": out.final_url,
+        }
+
+
+def _outcome_fields(r: ImageRecord) -> dict[str, Any]:
+    keys = ("status", "reason", "sha256", "path", "bytes", "width", "height", "format", "final_url")
+    return {k: getattr(r, k) for k in keys}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def summary_table(reports: list[ClassReport]) -> str:
+    """A fixed-width table: one row per class and a total row."""
+    rows = [("class", "found", "downloaded", "new", "requests", "failed", "top failure reasons")]
+    total_failed: Counter[str] = Counter()
+    for r in reports:
+        total_failed.update(r.failed)
+        top = ", ".join(f"{k} {v}" for k, v in r.failed.most_common(3))
+        rows.append((r.name[:30], str(sum(r.candidates.values())), str(r.downloaded), str(r.new),
+                     str(r.requests), str(sum(r.failed.values())), top))  # fmt: skip
+    top = ", ".join(f"{k} {v}" for k, v in total_failed.most_common(4))
+    found = sum(sum(r.candidates.values()) for r in reports)
+    rows.append(("TOTAL", str(found), str(sum(r.downloaded for r in reports)), str(sum(r.new for r in reports)),
+                 str(sum(r.requests for r in reports)), str(sum(total_failed.values())), top))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:-1], widths[1:-1], strict=True)]
+        lines.append("  ".join([*cells, row[-1]]))
+        if n == 0 or n == len(rows) - 2:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)

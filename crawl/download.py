@@ -1,0 +1,400 @@
+"""HTTP fetching with hard limits: the downloader behind every engine.
+
+``Fetcher.download(url, store)`` streams one image into the content-addressed store and returns a
+``FetchOutcome`` with a reason code on failure; ``Fetcher.get_page(url)`` fetches a search page into
+memory under the same rules. What it guarantees (RELIABILITY.md section 2):
+
+- connect/read timeouts per socket operation and a total deadline per URL (retries included);
+- a byte cap checked against ``Content-Length`` before reading and against the decoded stream while
+  reading (a gzip bomb stops at the cap: urllib3 decodes with ``max_length``);
+- bounded retries with exponential backoff and full jitter for 5xx, 429 (honouring ``Retry-After``
+  up to a cap), timeouts, resets and short bodies; 403 is not retried within a run; 404/410 are final;
+- redirects followed by hand: at most ``max_redirects`` hops, http(s) only, and never from one
+  host to a different loopback/private address (a search result must not reach internal services);
+- content sniffing: the bytes decide what a file is, never the ``Content-Type`` header;
+- at most ``per_host_concurrency`` requests in flight per host and ``per_host_delay_s`` between
+  request starts to one host;
+- nothing is written under a final name until the whole body has arrived and been hashed.
+
+Used by ``crawl.crawler`` and the engines in ``crawl.sources``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import random
+import socket
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import requests
+import urllib3
+from PIL import Image
+
+from crawl.store import DiskFullError, ObjectStore
+
+CHUNK = 64 * 1024
+SNIFF_BYTES = 512  # enough for magic numbers and an XML prolog before <svg
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """Limits for one URL; see ``pipeline.config.HttpConfig`` for the documented defaults."""
+
+    per_host_concurrency: int = 2
+    per_host_delay_s: float = 1.0
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 10.0
+    deadline_s: float = 30.0
+    max_bytes: int = 20_000_000
+    max_redirects: int = 5
+    retries: int = 3
+    backoff_s: float = 1.0
+    max_retry_after_s: float = 60.0
+    user_agent: str = "kd3/0.1"
+    pool_size: int = 8
+
+
+@dataclass
+class FetchOutcome:
+    """What happened to one URL. ``reason`` is a stable code (``http_404``, ``timeout``, ...)."""
+
+    url: str
+    ok: bool
+    reason: str | None = None
+    sha256: str | None = None
+    path: Path | None = None
+    bytes: int | None = None
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    final_url: str | None = None
+    attempts: int = 0
+    body: bytes | None = None  # only for get_page
+
+
+class Interrupted(Exception):
+    """The fetch was abandoned because the crawl is stopping."""
+
+
+class _Fail(Exception):
+    """A failed attempt: ``reason`` code, whether another attempt may help, and a wait hint."""
+
+    def __init__(self, reason: str, retry: bool = False, wait: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.retry, self.wait = reason, retry, wait
+
+
+# --------------------------------------------------------------------------------------------
+# content sniffing
+# --------------------------------------------------------------------------------------------
+
+ALLOWED_FORMATS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp"}
+
+
+def sniff(head: bytes) -> tuple[str | None, str | None]:
+    """(format, None) for an allowed image, else (None, reason) judged from the first bytes."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG", None
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG", None
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF", None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP", None
+    if head[:2] == b"BM" and len(head) >= 26:
+        return "BMP", None
+    if not head:
+        return None, "empty"
+    other_images = (b"II*\x00", b"MM\x00*", b"8BPS", b"%!PS", b"%PDF", b"SIMPLE  =", b"DDS ", b"\x00\x00\x01\x00")
+    if head.startswith(other_images) or head[4:12] in (b"ftypavif", b"ftypheic", b"ftypmif1"):
+        return None, "format_not_allowed"
+    text = head.lstrip()[:256].lower()
+    if text.startswith(b"<svg") or (text.startswith(b"<?xml") and b"<svg" in head.lower()):
+        return None, "unsupported_format"
+    return None, "unidentified"
+
+
+def probe_size(path: Path) -> tuple[int | None, int | None]:
+    """Width and height from the header only (no pixel decoding); None when unreadable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                return im.size
+    except Exception:  # any header problem is the clean stage's to judge
+        return None, None
+
+
+# --------------------------------------------------------------------------------------------
+# per-host politeness
+# --------------------------------------------------------------------------------------------
+
+
+class HostGate:
+    """At most ``concurrency`` requests in flight per host, request starts ``delay_s`` apart."""
+
+    def __init__(self, concurrency: int, delay_s: float) -> None:
+        self.concurrency, self.delay_s = concurrency, delay_s
+        self._lock = threading.Lock()
+        self._slots: dict[str, threading.Semaphore] = {}
+        self._next_start: dict[str, float] = {}
+
+    def acquire(self, host: str, deadline: float, stop: threading.Event) -> None:
+        with self._lock:
+            sem = self._slots.setdefault(host, threading.Semaphore(self.concurrency))
+        while not sem.acquire(timeout=0.1):
+            if stop.is_set():
+                raise Interrupted()
+            if time.monotonic() > deadline:
+                raise _Fail("timeout")
+        # reserve the next start time for this host, then sleep until it comes
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next_start.get(host, now))
+            self._next_start[host] = start + self.delay_s
+        wait = start - time.monotonic()
+        if wait > 0:
+            if start > deadline:
+                sem.release()
+                raise _Fail("timeout")
+            if stop.wait(wait):
+                sem.release()
+                raise Interrupted()
+
+    def release(self, host: str) -> None:
+        self._slots[host].release()
+
+
+# --------------------------------------------------------------------------------------------
+# the fetcher
+# --------------------------------------------------------------------------------------------
+
+
+def _host_key(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
+def _is_internal(host: str | None) -> bool:
+    """True if ``host`` resolves to a loopback, private, link-local or otherwise non-public address."""
+    if not host:
+        return True
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False  # unresolvable: the request itself will fail with connection_error
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0])
+        if not ip.is_global:
+            return True
+    return False
+
+
+class Fetcher:
+    """Thread-safe HTTP client applying ``HttpLimits``; one ``requests.Session`` per thread."""
+
+    def __init__(self, limits: HttpLimits, stop: threading.Event | None = None) -> None:
+        self.limits = limits
+        self.stop = stop or threading.Event()
+        self.gate = HostGate(limits.per_host_concurrency, limits.per_host_delay_s)
+        self._local = threading.local()
+
+    def session(self) -> requests.Session:
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = requests.Session()
+            adapter = requests.adapters.HTTPAdapter(pool_maxsize=self.limits.pool_size, max_retries=0)
+            s.mount("http://", adapter)
+            s.mount("https://", adapter)
+            s.headers["User-Agent"] = self.limits.user_agent
+            s.trust_env = False  # no proxies or netrc from the environment
+            self._local.session = s
+        return s
+
+    # -- public -----------------------------------------------------------------------------
+    def download(self, url: str, store: ObjectStore) -> FetchOutcome:
+        """Fetch ``url`` into ``store``; never raises for network or content problems."""
+        return self._with_retries(url, store)
+
+    def get_page(self, url: str, max_bytes: int = 5_000_000) -> FetchOutcome:
+        """Fetch a search page into memory (``outcome.body``) under the same limits."""
+        return self._with_retries(url, None, max_bytes)
+
+    # -- retries ----------------------------------------------------------------------------
+    def _with_retries(self, url: str, store: ObjectStore | None, max_bytes: int | None = None) -> FetchOutcome:
+        lim = self.limits
+        deadline = time.monotonic() + lim.deadline_s
+        outcome = FetchOutcome(url=url, ok=False)
+        for attempt in range(lim.retries):
+            outcome.attempts = attempt + 1
+            try:
+                return self._attempt(url, store, deadline, outcome, max_bytes or lim.max_bytes)
+            except _Fail as f:
+                outcome.reason = f.reason
+                if not f.retry or attempt + 1 == lim.retries:
+                    return outcome
+                wait = f.wait if f.wait is not None else random.uniform(0, lim.backoff_s * 2**attempt)
+                if time.monotonic() + wait > deadline:
+                    return outcome
+                if self.stop.wait(wait):
+                    outcome.reason = "interrupted"
+                    return outcome
+            except Interrupted:
+                outcome.reason = "interrupted"
+                return outcome
+        return outcome
+
+    # -- one attempt (following redirects) --------------------------------------------------
+    def _attempt(
+        self, url: str, store: ObjectStore | None, deadline: float, out: FetchOutcome, max_bytes: int
+    ) -> FetchOutcome:
+        lim = self.limits
+        current = url
+        origin = _host_key(url)
+        for hop in range(lim.max_redirects + 1):
+            scheme = urlsplit(current).scheme.lower()
+            if scheme not in ("http", "https"):
+                raise _Fail("redirect_blocked" if hop else "bad_url")
+            if hop and _host_key(current) != origin and _is_internal(urlsplit(current).hostname):
+                raise _Fail("redirect_blocked")
+            host = _host_key(current)
+            self.gate.acquire(host, deadline, self.stop)
+            try:
+                resp = self._request(current, deadline)
+                try:
+                    if resp.is_redirect:
+                        location = resp.headers.get("Location", "")
+                        current = urljoin(current, location)
+                        continue
+                    self._check_status(resp)
+                    out.final_url = current if current != url else None
+                    return self._read_body(resp, store, deadline, out, max_bytes)
+                finally:
+                    resp.close()
+            finally:
+                self.gate.release(host)
+        raise _Fail("too_many_redirects")
+
+    def _request(self, url: str, deadline: float) -> requests.Response:
+        lim = self.limits
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Fail("timeout")
+        timeout = (min(lim.connect_timeout_s, remaining), min(lim.read_timeout_s, remaining))
+        try:
+            return self.session().get(url, stream=True, allow_redirects=False, timeout=timeout)
+        except requests.exceptions.SSLError:
+            raise _Fail("tls_error") from None
+        except requests.exceptions.Timeout:
+            raise _Fail("timeout", retry=True) from None
+        except requests.exceptions.InvalidURL:
+            raise _Fail("bad_url") from None
+        except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError):
+            raise _Fail("connection_error", retry=True) from None
+        except requests.exceptions.RequestException:
+            raise _Fail("bad_url") from None
+
+    def _check_status(self, resp: requests.Response) -> None:
+        code = resp.status_code
+        if 200 <= code < 300:
+            return
+        if code in (404, 410):
+            raise _Fail(f"http_{code}")
+        if code == 403:
+            raise _Fail("http_403")
+        if code == 429:
+            raise _Fail("http_429", retry=True, wait=self._retry_after(resp))
+        if code >= 500:
+            raise _Fail("http_5xx", retry=True, wait=self._retry_after(resp))
+        raise _Fail(f"http_{code}" if 300 <= code < 500 else "http_other")
+
+    def _retry_after(self, resp: requests.Response) -> float | None:
+        value = resp.headers.get("Retry-After")
+        if value is None:
+            return None
+        try:
+            seconds = float(value)
+        except ValueError:
+            from email.utils import parsedate_to_datetime
+
+            try:
+                seconds = parsedate_to_datetime(value).timestamp() - time.time()
+            except (TypeError, ValueError):
+                return None
+        return max(0.0, min(seconds, self.limits.max_retry_after_s))
+
+    # -- body -------------------------------------------------------------------------------
+    def _read_body(
+        self, resp: requests.Response, store: ObjectStore | None, deadline: float, out: FetchOutcome, max_bytes: int
+    ) -> FetchOutcome:
+        declared = resp.headers.get("Content-Length")
+        encoded = resp.headers.get("Content-Encoding", "identity").lower() not in ("", "identity")
+        if declared is not None and not encoded:
+            try:
+                if int(declared) > max_bytes:
+                    raise _Fail("too_large")
+            except ValueError:
+                pass
+        digest = hashlib.sha256()
+        head = b""
+        total = 0
+        if store is None:
+            chunks: list[bytes] = []
+        else:
+            tmp_path, fh = store.new_temp()
+        try:
+            raw = resp.raw
+            while True:
+                if self.stop.is_set():
+                    raise Interrupted()
+                if time.monotonic() > deadline:
+                    raise _Fail("timeout")
+                try:
+                    # read1 returns after one socket read, so a 1-byte/s drip still meets the deadline
+                    chunk = raw.read1(CHUNK, decode_content=True)
+                except urllib3.exceptions.ReadTimeoutError:
+                    raise _Fail("timeout", retry=True) from None
+                except urllib3.exceptions.ProtocolError as e:
+                    short = "IncompleteRead" in repr(e)
+                    raise _Fail("truncated_body" if short else "connection_error", retry=True) from None
+                except urllib3.exceptions.DecodeError:
+                    raise _Fail("bad_encoding") from None
+                except OSError:
+                    raise _Fail("connection_error", retry=True) from None
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > max_bytes:
+                    raise _Fail("too_large")
+                if len(head) < SNIFF_BYTES:
+                    head += chunk[: SNIFF_BYTES - len(head)]
+                digest.update(chunk)
+                if store is None:
+                    chunks.append(chunk)
+                else:
+                    try:
+                        fh.write(chunk)
+                    except OSError as e:
+                        raise DiskFullError(e.errno, f"disk full at {tmp_path}") from e
+            if store is None:
+                out.ok, out.reason, out.body, out.bytes = True, None, b"".join(chunks), total
+                return out
+            fmt, why = sniff(head)
+            if fmt is None:
+                raise _Fail(why or "unidentified")
+            sha = digest.hexdigest()
+            final = store.commit(tmp_path, fh, sha, ALLOWED_FORMATS[fmt])
+            width, height = probe_size(final)
+            out.ok, out.reason, out.sha256, out.path = True, None, sha, final
+            out.bytes, out.width, out.height, out.format = total, width, height, fmt
+            return out
+        except BaseException:
+            if store is not None:
+                store.discard(tmp_path, fh)
+            raise

@@ -1,0 +1,1 @@
+"""Teacher loading, pseudo-labelling and knowledge distillation (KD3 and baselines)."""

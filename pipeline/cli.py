@@ -1,0 +1,142 @@
+"""The ``kd3`` command line: one thin Typer command per stage, no logic of its own.
+
+Flags override ``params.yaml``; errors become exit codes: 2 for bad usage, params or input files
+(the message names the file and key), 1 for a stage that ran and failed, 130 for Ctrl-C and 143
+for SIGTERM (never 0, so DVC does not record an interrupted stage as done).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from pipeline.config import ConfigError, CrawlConfig, WorldConfig, load_section
+
+app = typer.Typer(
+    name="kd3",
+    help="Distil a private teacher into a small student using only web-crawled images (KD3, ICCV 2023).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+mirror_app = typer.Typer(help="The offline web: serve a demo world over loopback HTTP.", no_args_is_help=True)
+app.add_typer(mirror_app, name="mirror")
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file to read")]
+T = TypeVar("T")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _fail(code: int, message: str) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def _guarded(fn: Callable[[], T]) -> T:
+    """Run a stage, mapping known failures to exit codes with a one-line message."""
+    from crawl.classes import ClassFileError
+    from crawl.crawler import CrawlError
+    from crawl.sources import SourceError
+    from crawl.store import DiskFullError, StoreLockedError
+    from pipeline.crawl_stage import Terminated
+
+    try:
+        return fn()
+    except (ConfigError, ClassFileError) as e:
+        _fail(2, str(e))
+    except Terminated:
+        typer.secho("terminated (SIGTERM): completed work is kept; rerun to resume", err=True)
+        raise typer.Exit(143) from None
+    except KeyboardInterrupt:
+        typer.secho("interrupted: completed work is kept; rerun to resume", err=True)
+        raise typer.Exit(130) from None
+    except (CrawlError, SourceError, StoreLockedError, DiskFullError, FileNotFoundError, PermissionError,
+            ValueError, OSError) as e:  # fmt: skip
+        _fail(1, str(e))
+    raise AssertionError("unreachable")
+
+
+@app.command()
+def world(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Build the offline demo web (Fashion-MNIST rendered as web photos) into world.out_dir."""
+    _setup_logging()
+    from pipeline import world_stage
+
+    def go() -> Any:
+        cfg = load_section(params, "world", WorldConfig)
+        crawl_cfg = load_section(params, "crawl", CrawlConfig)
+        return world_stage.run(cfg, crawl_cfg)
+
+    _guarded(go)
+
+
+@app.command()
+def crawl(
+    params: ParamsOpt = Path("params.yaml"),
+    classes: Annotated[Path | None, typer.Option(help="class list, one name per line")] = None,
+    engine: Annotated[list[str] | None, typer.Option("--engine", "-e", help="engine (repeatable)")] = None,
+    per_class: Annotated[int | None, typer.Option(help="target images per class")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder")] = None,
+    shard: Annotated[str | None, typer.Option(help="i/n: crawl every n-th class starting at i")] = None,
+    urls_file: Annotated[Path | None, typer.Option(help="TSV class<TAB>url for engine 'urls'")] = None,
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="progress bars")] = None,
+) -> None:
+    """Search the web by class name and download images with full provenance (resumable)."""
+    _setup_logging()
+    from pipeline import crawl_stage
+
+    overrides = {
+        "classes": str(classes) if classes else None,
+        "engines": engine or None,
+        "per_class": per_class,
+        "out_dir": str(out) if out else None,
+        "shard": shard,
+        "urls_file": str(urls_file) if urls_file else None,
+        "progress": progress,
+    }
+    if per_class is not None and per_class < 1:
+        _fail(2, f"--per-class: expected an integer >= 1, got {per_class}")
+
+    def go() -> Any:
+        cfg = load_section(params, "crawl", CrawlConfig, overrides)
+        if cfg.min_per_class > cfg.per_class:  # a small --per-class lowers the floor with it
+            cfg = load_section(params, "crawl", CrawlConfig, {**overrides, "min_per_class": cfg.per_class})
+        return crawl_stage.run(cfg)
+
+    _guarded(go)
+
+
+@mirror_app.command("serve")
+def mirror_serve(
+    world_dir: Annotated[Path, typer.Option("--world", help="world folder (kd3 world)")] = Path("data/world"),
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port; 0 picks a free one")] = 0,
+    log: Annotated[Path | None, typer.Option(help="append every request as JSON to this file")] = None,
+) -> None:
+    """Serve a world: Bing-format search pages at /images/async and the images at /img/."""
+    from crawl.mirror import MirrorServer
+
+    try:
+        server = MirrorServer(world_dir, host, port, log)
+    except (FileNotFoundError, OSError) as e:
+        _fail(2 if isinstance(e, FileNotFoundError) else 1, str(e))
+        return
+    typer.echo(f"serving {world_dir} at {server.base_url}  (search: {server.base_url}/images/async?q=...)", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,377 @@
+"""Typed, frozen configuration mirroring ``params.yaml``: one dataclass per section.
+
+``load_section(path, "crawl", CrawlConfig)`` reads one section and validates it against the
+dataclass: an unknown key (a typo), a missing required key, a wrong type or an out-of-range value
+raises ``ConfigError`` naming the file and the dotted key; the CLI turns that into exit code 2.
+Ranges live beside each field as ``field(metadata=...)``, so the schema is the documentation.
+Only ``pipeline/`` imports this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+MAX_PARAMS_BYTES = 1_000_000  # a params file larger than this is refused before parsing (P5)
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A params file or CLI override that cannot be used; the message names file and key."""
+
+
+def rng(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict[str, Any]:
+    """Field metadata for an allowed numeric range (inclusive unless ``lo_open``)."""
+    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+
+
+def opt(default: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Any:
+    """A field with a default and an allowed range."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=rng(lo, hi, lo_open=lo_open))
+    return field(default=default, metadata=rng(lo, hi, lo_open=lo_open))
+
+
+# --------------------------------------------------------------------------------------------
+# world: the offline demo web corpus (DESIGN.md section 6)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorldMix:
+    """Fractions of each class's result list; they must sum to 1."""
+
+    correct: float = opt(0.72, 0, 1)  # photos of the queried class
+    wrong: float = opt(0.10, 0, 1)  # photos of another class (search noise)
+    junk: float = opt(0.10, 0, 1)  # off-topic shapes, text, textures
+    near_dup: float = opt(0.05, 0, 1)  # re-uploads of an earlier result (resized, re-encoded, cropped)
+    broken: float = opt(0.03, 0, 1)  # 404s, HTML served as an image, truncated files
+
+
+@dataclass(frozen=True)
+class WorldRender:
+    """How a 28x28 grey Fashion-MNIST item becomes a web-style photo."""
+
+    min_size: int = opt(32, 8, 1024)  # shorter output side, pixels
+    max_size: int = opt(160, 8, 2048)  # longer output side, pixels
+    nonsquare_prob: float = opt(0.35, 0, 1)  # share of images with aspect ratio != 1
+    max_aspect: float = opt(1.6, 1, 4)  # largest width/height (or height/width) ratio
+    tint_prob: float = opt(0.8, 0, 1)  # share of objects given a colour
+    light_bg_prob: float = opt(0.6, 0, 1)  # light product-shot background, else a coloured one
+    bg_min_level: int = opt(40, 0, 255)  # darkest background channel level (never pure black)
+    object_scale: list[float] = opt([0.55, 1.0])  # object size relative to the canvas
+    max_shift: float = opt(0.15, 0, 0.5)  # position jitter, fraction of the canvas
+    max_rotation_deg: float = opt(20.0, 0, 180)
+    blur_prob: float = opt(0.3, 0, 1)
+    max_blur: float = opt(1.5, 0, 10)  # Gaussian radius at 28 px scale
+    noise_std: float = opt(6.0, 0, 64)  # additive Gaussian noise, grey levels
+    formats: dict[str, float] = opt({"JPEG": 0.6, "PNG": 0.25, "WEBP": 0.15})
+    jpeg_quality: list[int] = opt([45, 95])
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """``world:`` — builds ``out_dir`` from Fashion-MNIST train[first:last]."""
+
+    source: str = "/usr/share/datasets/fashion-mnist"  # folder with the *-idx*-ubyte(.gz) files
+    classes: str = "classes.txt"  # class names in Fashion-MNIST label order
+    out_dir: str = "data/world"
+    seed: int = opt(0, 0)
+    first: int = opt(30000, 0, 60000)  # raw web material: train[first:last], never seen by the teacher
+    last: int = opt(60000, 1, 60000)
+    results_per_class: int = opt(400, 1, 100000)  # length of each class's search result list
+    broken_kinds: list[str] = opt(["http_404", "html_as_image", "truncated"])
+    mix: WorldMix = field(default_factory=WorldMix)
+    render: WorldRender = field(default_factory=WorldRender)
+
+
+# --------------------------------------------------------------------------------------------
+# crawl (DESIGN.md section 4, "crawl"; RELIABILITY.md "Defaults to start from")
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """Downloader limits. The defaults are polite for the real web; the demo relaxes them for the mirror."""
+
+    workers: int = opt(8, 1, 256)  # download threads
+    per_host_concurrency: int = opt(2, 1, 64)  # simultaneous requests to one host
+    per_host_delay_s: float = opt(1.0, 0, 60)  # minimum spacing between request starts to one host
+    connect_timeout_s: float = opt(5.0, 0.01, 120, lo_open=True)
+    read_timeout_s: float = opt(10.0, 0.01, 300, lo_open=True)
+    deadline_s: float = opt(30.0, 0.01, 3600, lo_open=True)  # total time for one URL, retries included
+    max_bytes: int = opt(20_000_000, 1, 1_000_000_000)  # byte cap per image, header and stream
+    max_redirects: int = opt(5, 0, 20)
+    retries: int = opt(3, 1, 10)  # attempts per URL in one run
+    backoff_s: float = opt(1.0, 0, 60)  # base of the exponential backoff (full jitter)
+    max_retry_after_s: float = opt(60.0, 0, 3600)  # Retry-After is honoured up to this
+    user_agent: str = "kd3/0.1 (+https://github.com/kd3-project/kd3)"
+
+
+@dataclass(frozen=True)
+class MirrorConfig:
+    """The offline web server the ``mirror`` engine starts in-process."""
+
+    world_dir: str = "data/world"
+    host: str = "127.0.0.1"
+    port: int = opt(47611, 0, 65535)  # fixed, so URLs (and so resume) are stable across runs; 0 = any free port
+
+
+EngineName = Literal["bing", "baidu", "google", "flickr", "greedy", "urls", "mirror"]
+
+
+@dataclass(frozen=True)
+class CrawlConfig:
+    """``crawl:`` — class names -> search queries -> engines -> downloaded, content-addressed images."""
+
+    classes: str = "classes.txt"
+    out_dir: str = "data/crawl"
+    engines: list[EngineName] = opt(["mirror"])
+    queries: list[str] = opt(["{name}", "{name} photo"])  # templates; {name} is the class name or a synonym
+    synonyms: str | None = None  # optional TSV: class name <TAB> synonym (one per line)
+    per_class: int = opt(300, 1, 100000)  # target number of downloaded images per class
+    oversample: float = opt(1.5, 1, 20)  # candidate URLs asked of each engine and query = per_class * oversample
+    min_per_class: int = opt(1, 0, 100000)  # fewer downloaded images than this for a class is an error
+    shard: str = "0/1"  # i/n: crawl only classes with index % n == i
+    urls_file: str | None = None  # TSV class <TAB> url, for engine "urls"
+    greedy_domains: list[str] = opt([])  # start pages for engine "greedy"
+    greedy_max_pages: int = opt(50, 1, 100000)
+    bing_base_url: str = "https://www.bing.com"
+    flickr_api_key_env: str = "FLICKR_API_KEY"  # the key is read from this environment variable
+    progress: bool = True
+    http: HttpConfig = field(default_factory=HttpConfig)
+    mirror: MirrorConfig = field(default_factory=MirrorConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# loading and validation
+# --------------------------------------------------------------------------------------------
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe loader that refuses anchors/aliases (the 'billion laughs' expansion, P5)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"YAML aliases are not allowed (line {event.start_mark.line + 1})")
+        return super().compose_node(parent, index)
+
+
+def read_params(path: str | Path) -> dict[str, Any]:
+    """Read a params file with a size cap, the safe loader and no aliases."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: params file not found")
+    if p.stat().st_size > MAX_PARAMS_BYTES:
+        raise ConfigError(f"{p}: params file larger than {MAX_PARAMS_BYTES} bytes, refused")
+    try:
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_NoAliasLoader)  # noqa: S506 (safe subclass)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+    return data
+
+
+def load_section(path: str | Path, section: str, cls: type[T], overrides: dict[str, Any] | None = None) -> T:
+    """Build ``cls`` from ``params[section]`` plus dotted ``overrides`` (CLI flags), validated."""
+    data = read_params(path)
+    raw = data.get(section, {})
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: {section}: expected a mapping, got {type(raw).__name__}")
+    raw = _apply_overrides(raw, overrides or {})
+    return build(cls, raw, f"{path}: {section}")
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(raw)
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = out
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node[key] = dict(node.get(key) or {})
+            node = node[key]
+        node[leaf] = value
+    return out
+
+
+def build(cls: type[T], raw: Any, where: str) -> T:
+    """Validate a mapping against a frozen dataclass; errors name ``where.key``."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (valid keys: {', '.join(sorted(fields))})")
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}"
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key}: required key missing")
+            continue
+        value = _coerce(hints[name], raw[name], key)
+        _check_range(value, f.metadata, key)
+        kwargs[name] = value
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        check(where)
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: got null")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return {_coerce(args[0], k, key): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)  # type: ignore[arg-type]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            # YAML reads 1e9 as a string and 3.0 as a float; accept only whole numbers
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # a schema bug, not a user error
+
+
+def _check_range(value: Any, meta: Any, key: str) -> None:
+    lo, hi, lo_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open", False)
+    if lo is None and hi is None:
+        return
+    items = value if isinstance(value, list) else [value]
+    for v in items:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        bad_lo = lo is not None and (v <= lo if lo_open else v < lo)
+        bad_hi = hi is not None and v > hi
+        if bad_lo or bad_hi:
+            left = "(" if lo_open else "["
+            allowed = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+            raise ConfigError(f"{key}: {v!r} is out of range, allowed {allowed}")
+
+
+# --------------------------------------------------------------------------------------------
+# cross-field checks
+# --------------------------------------------------------------------------------------------
+
+
+def _world_validate(self: WorldConfig, where: str) -> None:
+    if self.last <= self.first:
+        raise ConfigError(f"{where}.last: must be greater than first ({self.first}), got {self.last}")
+    m = self.mix
+    total = m.correct + m.wrong + m.junk + m.near_dup + m.broken
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(f"{where}.mix: fractions must sum to 1, got {total:.4f}")
+    r = self.render
+    if r.min_size > r.max_size:
+        raise ConfigError(f"{where}.render.min_size: {r.min_size} is larger than max_size {r.max_size}")
+    if len(r.object_scale) != 2 or not 0 < r.object_scale[0] <= r.object_scale[1] <= 1.5:
+        raise ConfigError(f"{where}.render.object_scale: expected [lo, hi] with 0 < lo <= hi <= 1.5")
+    if len(r.jpeg_quality) != 2 or not 1 <= r.jpeg_quality[0] <= r.jpeg_quality[1] <= 100:
+        raise ConfigError(f"{where}.render.jpeg_quality: expected [lo, hi] with 1 <= lo <= hi <= 100")
+    allowed = {"JPEG", "PNG", "WEBP"}
+    if not r.formats or set(r.formats) - allowed or any(v < 0 for v in r.formats.values()):
+        raise ConfigError(f"{where}.render.formats: expected weights >= 0 for some of {sorted(allowed)}")
+    kinds = {"http_404", "html_as_image", "truncated"}
+    bad = [k for k in self.broken_kinds if k not in kinds]
+    if bad or (m.broken > 0 and not self.broken_kinds):
+        raise ConfigError(f"{where}.broken_kinds: expected a non-empty subset of {sorted(kinds)}")
+
+
+def parse_shard(text: str, where: str = "shard") -> tuple[int, int]:
+    """``"i/n"`` -> (i, n) with 0 <= i < n."""
+    try:
+        i_s, n_s = text.split("/")
+        i, n = int(i_s), int(n_s)
+    except ValueError:
+        raise ConfigError(f"{where}: expected 'i/n' such as 0/4, got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"{where}: expected 0 <= i < n, got {text!r}")
+    return i, n
+
+
+def _crawl_validate(self: CrawlConfig, where: str) -> None:
+    if not self.engines:
+        raise ConfigError(f"{where}.engines: at least one engine is needed")
+    if len(set(self.engines)) != len(self.engines):
+        raise ConfigError(f"{where}.engines: an engine is listed twice")
+    if not self.queries:
+        raise ConfigError(f"{where}.queries: at least one query template is needed")
+    for q in self.queries:
+        if "{name}" not in q:
+            raise ConfigError(f"{where}.queries: template {q!r} has no {{name}} placeholder")
+        try:
+            q.format(name="x")
+        except (KeyError, IndexError, ValueError):
+            raise ConfigError(f"{where}.queries: template {q!r} may only use {{name}}") from None
+    if self.min_per_class > self.per_class:
+        raise ConfigError(f"{where}.min_per_class: {self.min_per_class} exceeds per_class {self.per_class}")
+    parse_shard(self.shard, f"{where}.shard")
+    if "urls" in self.engines and not self.urls_file:
+        raise ConfigError(f"{where}.urls_file: required when engine 'urls' is selected")
+    if "greedy" in self.engines and not self.greedy_domains:
+        raise ConfigError(f"{where}.greedy_domains: required when engine 'greedy' is selected")
+
+
+WorldConfig.validate = _world_validate  # type: ignore[attr-defined]
+CrawlConfig.validate = _crawl_validate  # type: ignore[attr-defined]

@@ -1,0 +1,121 @@
+"""Stage ``crawl``: class list + ``crawl:`` params -> content-addressed images and a manifest.
+
+Builds the engines, the fetcher and (for the ``mirror`` engine) the in-process mirror server from
+the config, runs ``crawl.crawler.Crawler`` and writes ``report.json`` and ``classes.json`` beside
+the manifest. SIGTERM is turned into an interrupt so in-flight downloads are discarded cleanly and
+the process exits 143 (SIGINT: 130), never 0, so DVC does not record a half-finished crawl.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from crawl.classes import build_queries, read_classes, read_synonyms, select_shard
+from crawl.crawler import ClassReport, Crawler, CrawlError, peak_rss_mb, summary_table
+from crawl.download import Fetcher, HttpLimits
+from crawl.mirror import MirrorServer
+from crawl.sources import SearchContext, make_source
+from pipeline.config import CrawlConfig, parse_shard
+
+log = logging.getLogger(__name__)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, delivered as an interrupt so the same clean-up path runs."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+def http_limits(cfg: CrawlConfig) -> HttpLimits:
+    h = cfg.http
+    return HttpLimits(
+        per_host_concurrency=h.per_host_concurrency, per_host_delay_s=h.per_host_delay_s,
+        connect_timeout_s=h.connect_timeout_s, read_timeout_s=h.read_timeout_s, deadline_s=h.deadline_s,
+        max_bytes=h.max_bytes, max_redirects=h.max_redirects, retries=h.retries, backoff_s=h.backoff_s,
+        max_retry_after_s=h.max_retry_after_s, user_agent=h.user_agent, pool_size=max(h.workers, 4),
+    )  # fmt: skip
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run(cfg: CrawlConfig) -> list[ClassReport]:
+    """Run the crawl; raises ``CrawlError`` (after writing the report) when classes come back short."""
+    classes = read_classes(cfg.classes)
+    synonyms = read_synonyms(cfg.synonyms, classes) if cfg.synonyms else {}
+    shard_i, shard_n = parse_shard(cfg.shard)
+    mine = select_shard(classes, shard_i, shard_n)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise PermissionError(f"{out}: output folder is not writable")
+    _write_json(out / "classes.json", [{"index": c.index, "name": c.name, "slug": c.slug} for c in classes])
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    started = time.time()
+    fetcher = Fetcher(http_limits(cfg))
+    reports: list[ClassReport] = []
+    error: CrawlError | None = None
+    try:
+        with ExitStack() as stack:
+            ctx = SearchContext(
+                fetcher=fetcher,
+                bing_base_url=cfg.bing_base_url,
+                urls_file=cfg.urls_file,
+                greedy_domains=list(cfg.greedy_domains),
+                greedy_max_pages=cfg.greedy_max_pages,
+                flickr_api_key=os.environ.get(cfg.flickr_api_key_env),
+            )
+            if "mirror" in cfg.engines:
+                m = cfg.mirror
+                server = stack.enter_context(MirrorServer(m.world_dir, m.host, m.port))
+                ctx.mirror_base_url = server.base_url
+                log.info("mirror serving %s at %s", m.world_dir, server.base_url)
+            sources = {name: make_source(name, ctx) for name in cfg.engines}
+            crawler = Crawler(
+                out, sources, lambda c: build_queries(c.name, cfg.queries, synonyms.get(c.name, [])), fetcher,
+                workers=cfg.http.workers, per_class=cfg.per_class, oversample=cfg.oversample,
+                min_per_class=cfg.min_per_class, progress=cfg.progress,
+            )  # fmt: skip
+            try:
+                reports = crawler.run(mine)
+            except CrawlError as e:
+                error = e
+                reports = e.reports
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    report = {
+        "shard": cfg.shard,
+        "engines": list(cfg.engines),
+        "per_class": cfg.per_class,
+        "seconds": round(time.time() - started, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "classes": [r.as_dict() for r in reports],
+        "downloaded": sum(r.downloaded for r in reports),
+        "problems": str(error).splitlines() if error else [],
+    }
+    _write_json(out / "report.json", report)
+    if reports:
+        print(summary_table(reports), file=sys.stderr)
+    print(
+        f"crawl: {report['downloaded']} images for {len(reports)} classes in {report['seconds']} s, "
+        f"peak RSS {report['peak_rss_mb']} MiB -> {out}",
+        file=sys.stderr,
+    )
+    if error:
+        raise error
+    return reports

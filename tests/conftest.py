@@ -1,0 +1,179 @@
+"""Shared fixtures: tiny synthetic worlds, the mirror, and a scriptable hostile HTTP server.
+
+Everything runs on 127.0.0.1; no test reaches the internet.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from crawl.mirror import MirrorServer
+from crawl.world import RenderParams, WorldMix, build_world
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CLASSES = ["T-shirt/top", "Trouser", "Bag"]
+
+
+def synthetic_items(per_class: int, num_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """28x28 grey 'items' (bright blobs on black), a different shape per class."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:28, 0:28]
+    images, labels = [], []
+    for k in range(num_classes):
+        for _ in range(per_class):
+            cx, cy = 14 + rng.normal(0, 1.5, size=2)
+            rx, ry = 4 + 3 * (k % 3) + rng.uniform(0, 2), 10 - 2 * (k % 3) + rng.uniform(0, 2)
+            mask = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1
+            img = (mask * rng.uniform(120, 255, size=(28, 28))).astype(np.uint8)
+            images.append(img)
+            labels.append(k)
+    return np.stack(images), np.array(labels, dtype=np.uint8)
+
+
+def make_world(out_dir: Path, results_per_class: int = 12, seed: int = 0, mix: WorldMix | None = None) -> Path:
+    images, labels = synthetic_items(40, len(TINY_CLASSES), seed)
+    mix = mix or WorldMix(0.6, 0.1, 0.1, 0.1, 0.1)
+    render = RenderParams(min_size=24, max_size=64)
+    build_world(
+        images, labels, TINY_CLASSES, out_dir, seed=seed, results_per_class=results_per_class, mix=mix, render=render
+    )
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-class world, 12 results per class (built once; read-only for tests)."""
+    return make_world(tmp_path_factory.mktemp("world") / "world")
+
+
+@pytest.fixture()
+def mirror(tiny_world: Path, tmp_path: Path) -> Iterator[MirrorServer]:
+    with MirrorServer(tiny_world, log_path=tmp_path / "mirror.log") as server:
+        yield server
+
+
+def jpeg_bytes(size: tuple[int, int] = (32, 24), colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def png_bytes(size: tuple[int, int] = (20, 20), seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --------------------------------------------------------------------------------------------
+# a scriptable server that misbehaves on purpose (RELIABILITY.md section 2)
+# --------------------------------------------------------------------------------------------
+
+Route = Callable[[socket.socket, dict[str, Any]], None]
+
+
+def respond(status: int, body: bytes = b"", headers: dict[str, str] | None = None, length: int | None = None) -> Route:
+    """A route that sends one complete response (optionally lying about Content-Length)."""
+
+    def route(sock: socket.socket, req: dict[str, Any]) -> None:
+        h = {"Content-Type": "image/jpeg", "Content-Length": str(len(body) if length is None else length)}
+        h.update(headers or {})
+        head = f"HTTP/1.1 {status} X\r\n" + "".join(f"{k}: {v}\r\n" for k, v in h.items()) + "Connection: close\r\n\r\n"
+        sock.sendall(head.encode() + body)
+
+    return route
+
+
+def sequence(*routes: Route) -> Route:
+    """Route i for the i-th request to this path; the last one repeats."""
+    calls = {"n": 0}
+
+    def route(sock: socket.socket, req: dict[str, Any]) -> None:
+        i = min(calls["n"], len(routes) - 1)
+        calls["n"] += 1
+        routes[i](sock, req)
+
+    return route
+
+
+class HostileServer(socketserver.ThreadingTCPServer):
+    """Raw-socket HTTP server: ``routes[path](sock, request)`` writes whatever it likes."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.log: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        super().__init__(("127.0.0.1", 0), _RawHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def hits(self, path: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [e for e in self.log if e["path"] == path]
+
+
+class _RawHandler(socketserver.BaseRequestHandler):
+    server: HostileServer
+
+    def handle(self) -> None:
+        sock = self.request
+        sock.settimeout(30)
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+        except OSError:
+            return
+        line, *header_lines = data.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+        method, path, _ = line.split(" ", 2)
+        headers = dict(h.split(": ", 1) for h in header_lines if ": " in h)
+        req = {"method": method, "path": path, "headers": headers, "time": time.monotonic()}
+        with self.server.lock:
+            self.server.log.append(req)
+        route = self.server.routes.get(path, respond(404, b"nope", {"Content-Type": "text/plain"}))
+        try:
+            route(sock, req)
+        except OSError:
+            pass
+
+
+@pytest.fixture()
+def hostile() -> Iterator[HostileServer]:
+    server = HostileServer()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
