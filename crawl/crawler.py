@@ -64,7 +64,8 @@ class ClassReport:
     candidates: dict[str, int] = field(default_factory=dict)  # engine -> unique URLs found
     downloaded: int = 0  # images stored for this class (all runs)
     new: int = 0  # of which in this run
-    requests: int = 0  # URLs requested over the network in this run
+    requests: int = 0  # image URLs requested over the network in this run
+    searches: int = 0  # engine searches run in this run (a rerun reuses searches.jsonl)
     failed: Counter[str] = field(default_factory=Counter)  # reason -> URLs
 
     def as_dict(self) -> dict[str, Any]:
@@ -75,6 +76,7 @@ class ClassReport:
             "downloaded": self.downloaded,
             "new": self.new,
             "requests": self.requests,
+            "searches": self.searches,
             "failed": dict(sorted(self.failed.items())),
         }
 
@@ -171,6 +173,7 @@ class Crawler:
                 key = (cls.name, engine, query, max_num)
                 urls = searches.get(key)
                 if urls is None:
+                    report.searches += 1
                     try:
                         urls = source.search(cls, query, max_num)
                     except SourceError as e:

@@ -40,8 +40,9 @@ class MirrorServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, world_dir: str | Path, host: str = "127.0.0.1", port: int = 0,
-                 log_path: str | Path | None = None) -> None:  # fmt: skip
+                 log_path: str | Path | None = None, delay_s: float = 0.0) -> None:  # fmt: skip
         self.world_dir = Path(world_dir)
+        self.delay_s = delay_s  # added latency per image response (benchmarks, kill tests)
         index_path = self.world_dir / "index.json"
         if not index_path.is_file():
             raise FileNotFoundError(f"{self.world_dir}: no index.json (build the world first: kd3 world)")
@@ -52,6 +53,13 @@ class MirrorServer(ThreadingHTTPServer):
         self._log_file = open(log_path, "a", encoding="utf-8") if log_path else None  # noqa: SIM115
         super().__init__((host, port), _Handler)
         self._thread: threading.Thread | None = None
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up mid-response (a killed crawl) is routine, not a traceback."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
     @property
     def base_url(self) -> str:
@@ -130,9 +138,10 @@ class _Handler(BaseHTTPRequestHandler):
             entry = self.server.index["entries"][entry_id]
             meta = {"murl": f"http://{host}/{entry['path']}", "turl": f"http://{host}/{entry['path']}?thumb=1",
                     "t": f"result {entry_id}"}  # fmt: skip
+            m = html.escape(json.dumps(meta, separators=(",", ":")))  # Bing's compact JSON in the m attribute
             items.append(
-                f'<div class="imgpt"><a class="iusc" href="/images/search?view=detailV2" '
-                f'm="{html.escape(json.dumps(meta))}"><img class="mimg" src="{meta["turl"]}"></a></div>'
+                f'<div class="imgpt"><a class="iusc" href="/images/search?view=detailV2" m="{m}">'
+                f'<img class="mimg" src="{meta["turl"]}"></a></div>'
             )
         body = ('<!DOCTYPE html><html><body><div class="dgControl"><ul><li>'
                 + "</li><li>".join(items) + "</li></ul></div></body></html>\n").encode()  # fmt: skip
@@ -146,6 +155,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b"<html><body>404 Not Found</body></html>\n", "text/html")
             return
         content_type = "application/octet-stream" if entry["serve"] == "octet" else entry["content_type"]
+        if self.server.delay_s:
+            time.sleep(self.server.delay_s)
         self._send(200, path.read_bytes(), content_type)
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:

@@ -30,6 +30,7 @@ from icrawler.builtin.baidu import BaiduFeeder, BaiduParser
 from icrawler.builtin.flickr import FlickrFeeder, FlickrParser
 from icrawler.builtin.google import GoogleFeeder, GoogleParser
 from icrawler.builtin.greedy import GreedyParser
+from icrawler.utils import Signal
 
 from crawl.classes import ClassName, normalise
 from crawl.download import Fetcher
@@ -197,7 +198,9 @@ class MirrorSource(BingSource):
 
 def _feeder_urls(feeder_cls: Any, **kwargs: Any) -> list[str]:
     """Run an icrawler feeder synchronously and collect the page URLs it would enqueue."""
-    feeder = feeder_cls(1, signal=None, session=None)
+    signal = Signal()
+    signal.set(reach_max_num=False)
+    feeder = feeder_cls(1, signal=signal, session=None)
     feeder.out_queue = queue.Queue()  # unbounded: icrawler's own queue blocks when full
     feeder.feed(**kwargs)
     urls = []
@@ -247,8 +250,8 @@ class FlickrSource(_PagedSource):
             raise SourceError("engine flickr: no API key (set the variable named by crawl.flickr_api_key_env)")
 
     def page_url(self, query: str, offset: int) -> str:
-        page = offset // self.page_step + 1
-        return _feeder_urls(FlickrFeeder, apikey=self.ctx.flickr_api_key, max_num=1, text=query, page=page)[0]
+        pages = _feeder_urls(FlickrFeeder, apikey=self.ctx.flickr_api_key, text=query, per_page=self.page_step)
+        return pages[min(offset // self.page_step, len(pages) - 1)]  # Flickr serves 4000 results at most
 
     def parse(self, page: Page) -> list[str]:
         parser = _parser(FlickrParser, self.ctx)

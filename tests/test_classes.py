@@ -1,0 +1,97 @@
+"""Class files (RELIABILITY.md section 4, K1-K5), query templates, synonyms and shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from crawl.classes import (
+    ClassFileError,
+    build_queries,
+    parse_classes,
+    read_classes,
+    read_synonyms,
+    select_shard,
+    slugify,
+)
+
+
+def write(tmp_path: Path, data: bytes) -> Path:
+    p = tmp_path / "classes.txt"
+    p.write_bytes(data)
+    return p
+
+
+@pytest.mark.parametrize("data", [b"", b"\n\n  \n", b"# only\n  # comments\n"])
+def test_k1_empty_or_comment_only_is_an_error(tmp_path: Path, data: bytes) -> None:
+    p = write(tmp_path, data)
+    with pytest.raises(ClassFileError, match=f"{p}: no classes"):
+        read_classes(p)
+
+
+def test_k2_duplicates_after_normalisation_are_listed(tmp_path: Path) -> None:
+    p = write(tmp_path, b"Shirt\ncoat\n  SHIRT \nCoat\nBag\nankle  boot\nAnkle Boot\n")
+    with pytest.raises(ClassFileError, match="duplicate") as e:
+        read_classes(p)
+    msg = str(e.value)
+    assert "line 3 'SHIRT' repeats line 1" in msg and "line 4 'Coat' repeats line 2" in msg
+    assert "line 7 'Ankle Boot' repeats line 6" in msg
+
+
+def test_k3_bom_crlf_spaces_and_blank_lines_are_normalised(tmp_path: Path) -> None:
+    p = write(tmp_path, "\ufeffShirt  \r\n\r\n  Coat\r\n# a comment\r\nBag".encode())
+    assert [c.name for c in read_classes(p)] == ["Shirt", "Coat", "Bag"]
+    assert [c.index for c in read_classes(p)] == [0, 1, 2]
+
+
+def test_k4_odd_names_are_accepted_with_safe_unique_slugs(tmp_path: Path) -> None:
+    odd = ["T-shirt/top", "../../etc", "a\x00b", "x" * 300, "👟 sneaker", "R&B", "C#", "C++", "a/b", "a b"]
+    p = write(tmp_path, "\n".join(odd).encode())
+    classes = read_classes(p)
+    assert [c.name for c in classes] == odd  # original names kept verbatim
+    slugs = [c.slug for c in classes]
+    assert len(set(slugs)) == len(slugs)
+    for s in slugs:
+        assert s.replace("-", "").isalnum() and s.isascii() and len(s) <= 49
+        assert "/" not in s and ".." not in s and "\x00" not in s
+
+
+def test_k5_non_utf8_names_the_line(tmp_path: Path) -> None:
+    p = write(tmp_path, b"Shirt\nCoat\nBa\xffg\n")
+    with pytest.raises(ClassFileError, match=r"line 3: not valid UTF-8 \(byte 0xff\)"):
+        read_classes(p)
+
+
+def test_missing_class_file(tmp_path: Path) -> None:
+    with pytest.raises(ClassFileError, match="class file not found"):
+        read_classes(tmp_path / "nope.txt")
+
+
+def test_slug_is_stable() -> None:
+    assert slugify("T-shirt/top") == slugify("T-shirt/top")
+    assert slugify("T-shirt/top").startswith("t-shirt-top-")
+
+
+def test_queries_from_templates_and_synonyms(tmp_path: Path) -> None:
+    classes = parse_classes("Sneaker\nBag\n")
+    syn = tmp_path / "syn.tsv"
+    syn.write_text("sneaker\ttrainer\nSneaker\tTrainer\nBag\thandbag\n")
+    synonyms = read_synonyms(syn, classes)
+    assert synonyms == {"Sneaker": ["trainer"], "Bag": ["handbag"]}
+    assert build_queries("Sneaker", ["{name}", "{name} photo"], synonyms["Sneaker"]) == [
+        "Sneaker",
+        "Sneaker photo",
+        "trainer",
+        "trainer photo",
+    ]
+    syn.write_text("Hat\tcap\n")
+    with pytest.raises(ClassFileError, match="line 1: 'Hat' is not in the class list"):
+        read_synonyms(syn, classes)
+
+
+def test_shards_partition_the_class_list() -> None:
+    classes = parse_classes("\n".join(f"c{i}" for i in range(10)))
+    shards = [select_shard(classes, i, 3) for i in range(3)]
+    assert sorted(c.name for s in shards for c in s) == sorted(c.name for c in classes)
+    assert [c.index for c in shards[1]] == [1, 4, 7]

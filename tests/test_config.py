@@ -1,0 +1,120 @@
+"""params.yaml validation (RELIABILITY.md section 5, P1-P5) and the shipped params file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, CrawlConfig, WorldConfig, load_section, parse_shard
+
+from conftest import REPO
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_params_load_and_match_the_defaults_where_documented() -> None:
+    crawl = load_section(REPO / "params.yaml", "crawl", CrawlConfig)
+    world = load_section(REPO / "params.yaml", "world", WorldConfig)
+    assert crawl.engines == ["mirror"] and crawl.per_class == 300
+    assert world.first == 30000 and world.last == 60000
+
+
+def test_missing_section_gives_defaults(tmp_path: Path) -> None:
+    cfg = load_section(write(tmp_path, "world: {}\n"), "crawl", CrawlConfig)
+    assert cfg == CrawlConfig()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("crawl:\n  per_clas: 3\n", r"params.yaml: crawl.per_clas: unknown key"),  # P1 typo
+        ("crawl:\n  http:\n    retires: 3\n", r"crawl.http.retires: unknown key"),
+        ("crawl:\n  per_class: ten\n", r"crawl.per_class: expected an integer, got 'ten'"),  # P2
+        ("crawl:\n  per_class: 0\n", r"crawl.per_class: 0 is out of range, allowed \[1, 100000\]"),
+        ("crawl:\n  http:\n    read_timeout_s: -1\n", r"crawl.http.read_timeout_s: -1.0 is out of range"),
+        (
+            "crawl:\n  http:\n    connect_timeout_s: 0\n",
+            r"crawl.http.connect_timeout_s: 0.0 is out of range, allowed \(0.01",
+        ),
+        ("crawl:\n  per_class: 1e9\n", r"crawl.per_class: expected an integer"),  # P4 (YAML reads 1e9 as a string)
+        ("crawl:\n  per_class: 1000000000\n", r"crawl.per_class: 1000000000 is out of range"),
+        ("crawl:\n  engines: [bingo]\n", r"crawl.engines\[0\]: 'bingo' is not one of bing, baidu"),
+        ("crawl:\n  engines: []\n", r"crawl.engines: at least one engine"),
+        ("crawl:\n  queries: ['{nam}']\n", r"crawl.queries: template '\{nam\}' has no \{name\}"),
+        ("crawl:\n  shard: 3/2\n", r"crawl.shard: expected 0 <= i < n"),
+        ("crawl:\n  progress: 'yes'\n", r"crawl.progress: expected true/false"),
+        ("crawl:\n  engines: [urls]\n", r"crawl.urls_file: required when engine 'urls'"),
+        ("crawl: [1, 2]\n", r"crawl: expected a mapping"),
+        ("world:\n  mix: {correct: 0.5}\n", r"world.mix: fractions must sum to 1"),
+        ("world:\n  first: 100\n  last: 50\n", r"world.last: must be greater than first"),
+        ("world:\n  render: {formats: {GIF: 1.0}}\n", r"world.render.formats"),
+    ],
+)
+def test_bad_params_name_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    p = write(tmp_path, text)
+    cls = WorldConfig if text.startswith("world") else CrawlConfig
+    with pytest.raises(ConfigError, match=message) as e:
+        load_section(p, text.split(":")[0], cls)
+    assert str(p) in str(e.value)
+
+
+def test_yaml_alias_bomb_is_refused_before_expansion(tmp_path: Path) -> None:  # P5
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for i in range(1, 12):
+        prev = chr(ord("a") + i - 1)
+        cur = chr(ord("a") + i)
+        lines.append(f"{cur}: &{cur} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]")
+    p = write(tmp_path, "\n".join(lines) + "\ncrawl: {}\n")
+    with pytest.raises(ConfigError, match="aliases are not allowed"):
+        load_section(p, "crawl", CrawlConfig)
+
+
+def test_huge_params_file_is_refused(tmp_path: Path) -> None:  # P5
+    p = write(tmp_path, "crawl: {}\n" + "#" * 1_100_000 + "\n")
+    with pytest.raises(ConfigError, match="larger than"):
+        load_section(p, "crawl", CrawlConfig)
+
+
+def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_section(write(tmp_path, "crawl: [\n"), "crawl", CrawlConfig)
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_section(tmp_path / "nope.yaml", "crawl", CrawlConfig)
+
+
+def test_overrides_are_validated_like_the_file(tmp_path: Path) -> None:
+    p = write(tmp_path, "crawl:\n  per_class: 10\n")
+    assert load_section(p, "crawl", CrawlConfig, {"per_class": 5, "http.workers": 2}).http.workers == 2
+    with pytest.raises(ConfigError, match="crawl.http.workers: 0 is out of range"):
+        load_section(p, "crawl", CrawlConfig, {"http.workers": 0})
+
+
+def test_config_is_frozen() -> None:
+    cfg = CrawlConfig()
+    with pytest.raises(AttributeError):
+        cfg.per_class = 3  # type: ignore[misc]
+
+
+def test_dvc_yaml_params_are_config_fields() -> None:
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    sections = {"world": WorldConfig, "crawl": CrawlConfig}
+    for name, stage in dvc["stages"].items():
+        assert stage["cmd"] == f"kd3 {name}"
+        for key in stage.get("params", []):
+            section, *rest = key.split(".")
+            cls = sections[section]
+            if rest:
+                assert rest[0] in cls.__dataclass_fields__, key
+
+
+def test_parse_shard() -> None:
+    assert parse_shard("1/4") == (1, 4)
+    for bad in ("4/4", "x/2", "1", "-1/2", "0/0"):
+        with pytest.raises(ConfigError):
+            parse_shard(bad)

@@ -1,0 +1,81 @@
+"""Real ``dvc repro`` runs of the world and crawl stages in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO, free_port, synthetic_items, write_idx
+
+pytestmark = pytest.mark.slow
+
+
+def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+    }
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture()
+def repo_copy(tmp_path: Path) -> Path:
+    """The repository's files (tracked and new) in a fresh git repo, with tiny demo params."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    dst = tmp_path / "repo"
+    for f in files:
+        if (REPO / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dst / f)
+    images, labels = synthetic_items(30, 10)
+    order = np.random.default_rng(0).permutation(len(images))
+    write_idx(tmp_path / "fmnist", images[order], labels[order])
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params["world"].update(source=str(tmp_path / "fmnist"), first=0, last=300, results_per_class=6)
+    params["world"]["render"].update(min_size=24, max_size=40)
+    params["crawl"].update(per_class=3, min_per_class=1, progress=False)
+    params["crawl"]["mirror"]["port"] = free_port()
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.email=t@t", "-c", "user.name=t",
+                                                            "commit", "-qm", "copy"]):  # fmt: skip
+        subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
+    return dst
+
+
+def test_dvc_repro_crawl_then_nothing_then_resume_on_a_param_change(repo_copy: Path) -> None:
+    first = run(["dvc", "repro", "crawl"], repo_copy)
+    assert first.returncode == 0, first.stdout + first.stderr
+    report = json.loads((repo_copy / "data/crawl/report.json").read_text())
+    assert [c["downloaded"] for c in report["classes"]] == [3] * 10
+    objects = {p.name for p in (repo_copy / "data/crawl/objects").rglob("*") if p.is_file()}
+    assert len(objects) == 30
+
+    again = run(["dvc", "repro", "crawl"], repo_copy)
+    assert again.returncode == 0, again.stderr
+    assert "didn't change" in again.stdout and "Running stage 'crawl'" not in again.stdout
+
+    # a larger target re-runs the stage; persist keeps the store, so it only adds
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["crawl"]["per_class"] = 5
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = run(["dvc", "repro", "crawl"], repo_copy)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "Running stage 'crawl'" in third.stdout and "Running stage 'world'" not in third.stdout
+    report = json.loads((repo_copy / "data/crawl/report.json").read_text())
+    assert [c["downloaded"] for c in report["classes"]] == [5] * 10
+    assert all(c["new"] == 2 for c in report["classes"])  # the 30 earlier images were not fetched again
+    after = {p.name for p in (repo_copy / "data/crawl/objects").rglob("*") if p.is_file()}
+    assert objects < after and len(after) == 50
+    status = run(["dvc", "status"], repo_copy)
+    assert "up to date" in status.stdout, status.stdout
