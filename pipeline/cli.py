@@ -120,12 +120,13 @@ def mirror_serve(
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port; 0 picks a free one")] = 0,
     log: Annotated[Path | None, typer.Option(help="append every request as JSON to this file")] = None,
+    delay: Annotated[float, typer.Option(help="added latency per image response, seconds")] = 0.0,
 ) -> None:
     """Serve a world: Bing-format search pages at /images/async and the images at /img/."""
     from crawl.mirror import MirrorServer
 
     try:
-        server = MirrorServer(world_dir, host, port, log)
+        server = MirrorServer(world_dir, host, port, log, delay_s=delay)
     except (FileNotFoundError, OSError) as e:
         _fail(2 if isinstance(e, FileNotFoundError) else 1, str(e))
         return
