@@ -216,6 +216,7 @@ class Crawler:
             disable=not self.progress,
             file=sys.stderr,
             leave=True,
+            mininterval=0.1 if sys.stderr.isatty() else 10.0,  # logs (DVC, CI) get a line now and then
         )
         inflight: dict[Future[FetchOutcome], Candidate] = {}
         it = iter(todo)

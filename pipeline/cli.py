@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from pipeline.config import ConfigError, CrawlConfig, WorldConfig, load_section
+from pipeline.config import ConfigError, CrawlConfig, WorldConfig, load_section, read_params
 
 app = typer.Typer(
     name="kd3",
@@ -106,10 +106,11 @@ def crawl(
         _fail(2, f"--per-class: expected an integer >= 1, got {per_class}")
 
     def go() -> Any:
-        cfg = load_section(params, "crawl", CrawlConfig, overrides)
-        if cfg.min_per_class > cfg.per_class:  # a small --per-class lowers the floor with it
-            cfg = load_section(params, "crawl", CrawlConfig, {**overrides, "min_per_class": cfg.per_class})
-        return crawl_stage.run(cfg)
+        if per_class is not None:  # a small --per-class lowers the min_per_class floor with it
+            floor = (read_params(params).get("crawl") or {}).get("min_per_class", CrawlConfig.min_per_class)
+            if isinstance(floor, int) and floor > per_class:
+                overrides["min_per_class"] = per_class
+        return crawl_stage.run(load_section(params, "crawl", CrawlConfig, overrides))
 
     _guarded(go)
 

@@ -77,6 +77,8 @@ def test_flags_override_params(project: Path) -> None:
     (project / "two.txt").write_text("Trouser\nBag\n")
     out = project / "other"
     args = ["crawl", "--params", params, "--classes", str(project / "two.txt"), "--per-class", "2", "--out", str(out)]
+    p = project / "params.yaml"
+    p.write_text(p.read_text().replace("min_per_class: 1", "min_per_class: 4"))  # lowered to 2 by --per-class
     result = runner.invoke(app, [*args, "--shard", "1/2"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
