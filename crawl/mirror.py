@@ -164,7 +164,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        # logged before the body goes out, so a client that has its response always finds it logged
         self.server.log_request_line(
             {"time": time.time(), "method": "GET", "path": self.path, "status": status, "bytes": len(body)}
         )
+        self.wfile.write(body)

@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from pipeline.config import ConfigError, CrawlConfig, WorldConfig, load_section, read_params
+from pipeline.config import CleanConfig, ConfigError, CrawlConfig, WorldConfig, load_section, read_params
 
 app = typer.Typer(
     name="kd3",
@@ -113,6 +113,15 @@ def crawl(
         return crawl_stage.run(load_section(params, "crawl", CrawlConfig, overrides))
 
     _guarded(go)
+
+
+@app.command()
+def clean(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Decode safely, filter, remove near-duplicates and pack the crawl into one training array."""
+    _setup_logging()
+    from pipeline import clean_stage
+
+    _guarded(lambda: clean_stage.run(load_section(params, "clean", CleanConfig)))
 
 
 @mirror_app.command("serve")

@@ -151,6 +151,38 @@ class CrawlConfig:
 
 
 # --------------------------------------------------------------------------------------------
+# clean (DESIGN.md section 4, "clean"; RELIABILITY.md section 1 and the decode defaults)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CleanConfig:
+    """``clean:`` — crawl store -> safe decode, filters, dedup -> packed array + kept/dropped lists."""
+
+    crawl_dir: str = "data/crawl"
+    out_dir: str = "data/clean"
+    image_size: int = opt(48, 8, 1024)  # side of the packed array, pixels
+    resize: Literal["crop", "pad"] = "crop"  # shorter side to image_size + centre crop, or fit + white pad
+    formats: list[Literal["JPEG", "PNG", "WEBP", "GIF", "BMP"]] = opt(["JPEG", "PNG", "WEBP", "GIF", "BMP"])
+    max_bytes: int = opt(20_000_000, 1, 1_000_000_000)  # per file, checked before decoding
+    max_pixels: int = opt(40_000_000, 1, 500_000_000)  # per image, checked on the header
+    max_frames: int = opt(100, 1, 100_000)  # animations with more frames are dropped
+    min_side: int = opt(24, 1, 10_000)  # shorter side below this: too_small
+    max_aspect: float = opt(3.0, 1, 1000)  # long/short side above this: bad_aspect
+    min_std: float = opt(3.0, 0, 128)  # largest per-channel std below this: blank
+    min_entropy: float = opt(1.5, 0, 8)  # grey-histogram entropy (bits) below this: low_information
+    hash_size: int = opt(8, 8, 32)  # pHash side: 8 -> 64-bit hashes
+    hamming: int = opt(6, 0, 1024)  # candidate near-duplicates: pHash distance <= this (<= 7: fast at 1e6)
+    verify_mad: float | None = opt(12.0, 0, 255)  # ... confirmed when 16x16 thumbnails differ <= this; null: off
+    uniform_std: float = opt(2.0, 0, 128)  # flatter images are never matched perceptually
+    workers: int = opt(0, 0, 256)  # decode/hash processes; 0 = every core
+    decode_timeout_s: float = opt(10.0, 0.1, 600)  # per image; a hung decoder costs that image
+    worker_memory_mb: int = opt(2048, 64, 1_000_000)  # address-space limit of each worker
+    sheet_max: int = opt(48, 0, 1000)  # images per contact sheet
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------------------------
 # loading and validation
 # --------------------------------------------------------------------------------------------
 
@@ -373,5 +405,15 @@ def _crawl_validate(self: CrawlConfig, where: str) -> None:
         raise ConfigError(f"{where}.greedy_domains: required when engine 'greedy' is selected")
 
 
+def _clean_validate(self: CleanConfig, where: str) -> None:
+    if (self.hash_size * self.hash_size) % 64:
+        raise ConfigError(f"{where}.hash_size: {self.hash_size} gives {self.hash_size**2} bits; use 8, 16, 24 or 32")
+    if self.hamming > self.hash_size * self.hash_size:
+        raise ConfigError(f"{where}.hamming: {self.hamming} exceeds the {self.hash_size**2} bits of the hash")
+    if not self.formats:
+        raise ConfigError(f"{where}.formats: at least one format is needed")
+
+
 WorldConfig.validate = _world_validate  # type: ignore[attr-defined]
 CrawlConfig.validate = _crawl_validate  # type: ignore[attr-defined]
+CleanConfig.validate = _clean_validate  # type: ignore[attr-defined]

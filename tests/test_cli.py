@@ -49,7 +49,7 @@ crawl:
 def test_help_lists_the_commands() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for cmd in ("world", "crawl", "mirror"):
+    for cmd in ("world", "crawl", "clean", "mirror"):
         assert cmd in result.output
     assert "--shard" in runner.invoke(app, ["crawl", "--help"]).output
 
@@ -69,6 +69,22 @@ def test_world_then_crawl_through_the_cli(project: Path) -> None:
     assert "TOTAL" in result.output and "peak RSS" in result.output
     classes = json.loads((project / "crawl" / "classes.json").read_text())
     assert [c["name"] for c in classes] == TINY_CLASSES
+
+
+def test_clean_through_the_cli(project: Path) -> None:
+    params = str(project / "params.yaml")
+    p = project / "params.yaml"
+    p.write_text(p.read_text() + f"clean:\n  crawl_dir: {project / 'crawl'}\n  out_dir: {project / 'clean'}\n"
+                 "  image_size: 16\n  min_side: 16\n  progress: false\n")  # fmt: skip
+    missing = runner.invoke(app, ["clean", "--params", params])
+    assert missing.exit_code == 1 and "no crawl manifest (run kd3 crawl first)" in missing.output
+    assert runner.invoke(app, ["world", "--params", params]).exit_code == 0
+    assert runner.invoke(app, ["crawl", "--params", params]).exit_code == 0
+    result = runner.invoke(app, ["clean", "--params", params])
+    assert result.exit_code == 0, result.output
+    assert "TOTAL" in result.output and "images/s" in result.output
+    report = json.loads((project / "clean" / "report.json").read_text())
+    assert report["objects"] == 15
 
 
 def test_flags_override_params(project: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, CrawlConfig, WorldConfig, load_section, parse_shard
+from pipeline.config import CleanConfig, ConfigError, CrawlConfig, WorldConfig, load_section, parse_shard
 
 from conftest import REPO
 
@@ -20,6 +20,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_shipped_params_load_and_match_the_defaults_where_documented() -> None:
     crawl = load_section(REPO / "params.yaml", "crawl", CrawlConfig)
+    assert load_section(REPO / "params.yaml", "clean", CleanConfig) == CleanConfig()  # the file states the defaults
     world = load_section(REPO / "params.yaml", "world", WorldConfig)
     assert crawl.engines == ["mirror"] and crawl.per_class == 300
     assert world.first == 30000 and world.last == 60000
@@ -54,11 +55,17 @@ def test_missing_section_gives_defaults(tmp_path: Path) -> None:
         ("world:\n  mix: {correct: 0.5}\n", r"world.mix: fractions must sum to 1"),
         ("world:\n  first: 100\n  last: 50\n", r"world.last: must be greater than first"),
         ("world:\n  render: {formats: {GIF: 1.0}}\n", r"world.render.formats"),
+        ("clean:\n  hash_size: 12\n", r"clean.hash_size: 12 gives 144 bits"),
+        ("clean:\n  hamming: 65\n", r"clean.hamming: 65 exceeds the 64 bits"),
+        ("clean:\n  resize: squash\n", r"clean.resize: 'squash' is not one of crop, pad"),
+        ("clean:\n  formats: [JPEG, TIFF]\n", r"clean.formats\[1\]: 'TIFF' is not one of"),
+        ("clean:\n  image_size: 100000\n", r"clean.image_size: 100000 is out of range"),
+        ("clean:\n  verify_mad: -1\n", r"clean.verify_mad: -1.0 is out of range"),
     ],
 )
 def test_bad_params_name_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:
     p = write(tmp_path, text)
-    cls = WorldConfig if text.startswith("world") else CrawlConfig
+    cls = {"world": WorldConfig, "crawl": CrawlConfig, "clean": CleanConfig}[text.split(":")[0]]
     with pytest.raises(ConfigError, match=message) as e:
         load_section(p, text.split(":")[0], cls)
     assert str(p) in str(e.value)
@@ -103,7 +110,7 @@ def test_config_is_frozen() -> None:
 
 def test_dvc_yaml_params_are_config_fields() -> None:
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    sections = {"world": WorldConfig, "crawl": CrawlConfig}
+    sections = {"world": WorldConfig, "crawl": CrawlConfig, "clean": CleanConfig}
     for name, stage in dvc["stages"].items():
         assert stage["cmd"] == f"kd3 {name}"
         for key in stage.get("params", []):

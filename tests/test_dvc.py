@@ -45,6 +45,7 @@ def repo_copy(tmp_path: Path) -> Path:
     params["world"].update(source=str(tmp_path / "fmnist"), first=0, last=300, results_per_class=6)
     params["world"]["render"].update(min_size=24, max_size=40)
     params["crawl"].update(per_class=3, min_per_class=1, progress=False)
+    params["clean"].update(progress=False, min_side=16)
     params["crawl"]["mirror"]["port"] = free_port()
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.email=t@t", "-c", "user.name=t",
@@ -77,5 +78,25 @@ def test_dvc_repro_crawl_then_nothing_then_resume_on_a_param_change(repo_copy: P
     assert all(c["new"] == 2 for c in report["classes"])  # the 30 earlier images were not fetched again
     after = {p.name for p in (repo_copy / "data/crawl/objects").rglob("*") if p.is_file()}
     assert objects < after and len(after) == 50
-    status = run(["dvc", "status"], repo_copy)
+    status = run(["dvc", "status", "crawl"], repo_copy)
     assert "up to date" in status.stdout, status.stdout
+
+
+def test_dvc_repro_clean_runs_after_the_crawl_and_only_when_needed(repo_copy: Path) -> None:
+    first = run(["dvc", "repro", "clean"], repo_copy)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "Running stage 'crawl'" in first.stdout and "Running stage 'clean'" in first.stdout
+    report = json.loads((repo_copy / "data/clean/report.json").read_text())
+    assert report["objects"] == 30 and report["kept"] + report["dropped"] == 30
+    images = np.load(repo_copy / "data/clean/images.npy", mmap_mode="r")
+    assert images.shape == (report["kept"], 48, 48, 3)
+    again = run(["dvc", "repro", "clean"], repo_copy)
+    assert "Running stage" not in again.stdout, again.stdout
+    # a clean-only parameter re-runs clean, not the crawl
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["clean"]["image_size"] = 32
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = run(["dvc", "repro", "clean"], repo_copy)
+    assert third.returncode == 0, third.stderr
+    assert "Running stage 'clean'" in third.stdout and "Running stage 'crawl'" not in third.stdout
+    assert np.load(repo_copy / "data/clean/images.npy", mmap_mode="r").shape[1:] == (32, 32, 3)
