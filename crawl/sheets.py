@@ -20,9 +20,10 @@ def contact_sheet(
     """Save ``rows`` of (image (H, W, 3) uint8, caption) as one PNG; optionally outline each row's first tile."""
     cols = max((len(r) for r in rows), default=1)
     head = 16 if title else 0
-    sheet = Image.new("RGB", (cols * (tile + 4) + 4, head + len(rows) * (tile + CAPTION + 6) + 4), (245, 245, 245))
-    draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default(size=10)
+    width = max(cols * (tile + 4) + 4, int(font.getlength(title)) + 8 if title else 0)
+    sheet = Image.new("RGB", (width, head + len(rows) * (tile + CAPTION + 6) + 4), (245, 245, 245))
+    draw = ImageDraw.Draw(sheet)
     if title:
         draw.text((4, 2), title, fill=(0, 0, 0), font=font)
     for r, row in enumerate(rows):
