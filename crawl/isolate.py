@@ -61,7 +61,7 @@ def _worker_main(fn: Callable[..., Any], conn: Connection, memory_limit: int | N
             except MemoryError:
                 out = ("error", "MemoryError: worker memory limit reached")
             except Exception as e:  # the item failed; the worker lives on
-                out = ("error", f"{type(e).__name__}: {e}"[:300])
+                out = ("error", f"{type(e).__name__}: {e}"[:2000])
             results.append((key, out))
         conn.send(results)
 

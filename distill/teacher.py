@@ -1,0 +1,301 @@
+"""Loading the user's teacher safely, and the frozen ``Teacher`` every later stage uses.
+
+``load_teacher(spec)`` accepts (RELIABILITY.md section 3, T1-T12):
+
+- ``format: state_dict`` — a ``torch.save``d state dict (or the wrappers ``{"state_dict": ...}``,
+  ``{"model": ...}``, keys prefixed ``module.``), or a ``.safetensors`` file, plus ``arch`` from
+  ``distill.models``. Pickles are only ever read with ``torch.load(weights_only=True)`` passed
+  explicitly (an environment variable can flip the default), first in a child process with an
+  address-space limit, so a checkpoint that would allocate without bound kills the child, not us.
+- ``format: torchscript`` — only when named: a TorchScript archive runs code from the archive,
+  so it must come from a trusted source. Auto-detection never picks it: a TorchScript or
+  ``torch.export`` archive given as a state dict is refused before anything is loaded.
+
+Every failure is a ``TeacherError`` naming the file: missing, empty, a folder, over the size cap,
+truncated/corrupt, unsafe (non-allowlisted globals), wrong architecture (the first mismatching
+keys), wrong number of outputs, non-finite weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import struct
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from crawl.isolate import IsolatedPool
+from distill.models import Backbone, FeatureAccessError, build_model
+
+
+class TeacherError(ValueError):
+    """The teacher cannot be used; the message names the checkpoint and what is wrong."""
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    checkpoint: str
+    num_classes: int
+    format: str = "state_dict"  # "state_dict" (incl. .safetensors) or "torchscript"
+    arch: str | None = None
+    in_chans: int = 3
+    max_bytes: int = 2_000_000_000
+    memory_limit_mb: int = 8192  # for the child process that first unpickles the file
+    load_timeout_s: float = 300.0
+
+
+# --------------------------------------------------------------------------------------------
+# what kind of file is it?
+# --------------------------------------------------------------------------------------------
+
+
+def sniff_checkpoint(path: Path) -> str:
+    """``torch_zip``, ``torchscript``, ``torch_export``, ``legacy_pickle``, ``safetensors`` or ``unknown``."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile:
+            return "torch_zip"  # a damaged zip: let the loader say it is truncated
+        if any(n.endswith("/code/") or "/code/" in n for n in names) or any(n.endswith("constants.pkl") for n in names):
+            return "torchscript"
+        if any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names):
+            return "torch_export"
+        return "torch_zip"
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
+        return "legacy_pickle"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    return "unknown"
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Parse a .safetensors file (8-byte header length, JSON header, raw data) with every check."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > min(size - 8, 100_000_000):
+            raise TeacherError(f"{path}: corrupt safetensors header (declares {n} header bytes in a {size}-byte file)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TeacherError(f"{path}: corrupt safetensors header ({e})") from None
+        data = f.read()
+    if not isinstance(header, dict):
+        raise TeacherError(f"{path}: corrupt safetensors header (not a mapping)")
+    out = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[meta["dtype"]]
+            start, end = (int(v) for v in meta["data_offsets"])
+            shape = [int(s) for s in meta["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise TeacherError(f"{path}: corrupt safetensors entry {key!r}") from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        if not 0 <= start <= end <= len(data) or end - start != numel * torch.empty(0, dtype=dtype).element_size():
+            raise TeacherError(f"{path}: safetensors entry {key!r} points outside the file")
+        out[key] = (
+            torch.frombuffer(bytearray(data[start:end]), dtype=dtype).reshape(shape)
+            if numel
+            else torch.empty(shape, dtype=dtype)
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# loading a state dict
+# --------------------------------------------------------------------------------------------
+
+
+def _torch_load(path: str) -> Any:
+    # explicit weights_only=True: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD only applies when it is not passed
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _probe(path: str) -> int:
+    """Run in the memory-limited child: the same load, reporting only how many tensors it holds."""
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    obj = _torch_load(path)
+    return len(obj) if isinstance(obj, dict) else -1
+
+
+def _explain(path: Path, message: str) -> TeacherError:
+    low = message.lower()
+    first = message.strip().splitlines()[0][:200] if message.strip() else ""
+    if "weights only load failed" in low or "unsupported global" in low:
+        names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", message))) or ["unknown"]
+        return TeacherError(f"{path}: unsafe checkpoint (non-allowlisted globals: {', '.join(names)}); it was not "
+                            "unpickled. Save model.state_dict() instead of whole objects.")  # fmt: skip
+    if "memory" in low or "alloc" in low:
+        return TeacherError(f"{path}: loading needs more memory than teacher.memory_limit_mb allows ({first})")
+    if "central directory" in low or "zip archive" in low or "pytorchstreamreader" in low or "eof" in low:
+        return TeacherError(f"{path}: checkpoint corrupt or truncated ({first})")
+    return TeacherError(f"{path}: cannot load checkpoint ({first})")
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Accept a state dict or the common wrappers; strip ``module.`` prefixes (DataParallel/DDP)."""
+    for key in ("state_dict", "model", "model_state_dict", "net"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj:
+        raise TeacherError(f"{path}: not a state dict (found {type(obj).__name__}); save model.state_dict()")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise TeacherError(f"{path}: the checkpoint holds no tensors")
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    return tensors
+
+
+def load_state_dict(spec: TeacherSpec) -> dict[str, torch.Tensor]:
+    """Read the checkpoint's tensors with every check of T1-T5, T8, T9, T11, T12."""
+    path = Path(spec.checkpoint)
+    if not path.exists():
+        raise TeacherError(f"{path}: teacher checkpoint not found")
+    if path.is_dir():
+        raise TeacherError(f"{path}: is a folder, not a checkpoint file")
+    size = path.stat().st_size
+    if size == 0:
+        raise TeacherError(f"{path}: checkpoint file is empty")
+    if size > spec.max_bytes:
+        raise TeacherError(f"{path}: {size} bytes, over the cap of {spec.max_bytes} (teacher.max_bytes)")
+    kind = sniff_checkpoint(path)
+    if kind in ("torchscript", "torch_export"):
+        raise TeacherError(
+            f"{path}: unsupported format: this is a {kind.replace('_', ' ')} archive; it was not loaded. "
+            "Set teacher.format: torchscript only if it comes from a trusted source (it runs code)."
+        )
+    if kind == "safetensors":
+        tensors = read_safetensors(path)
+    elif kind in ("torch_zip", "legacy_pickle"):
+        with IsolatedPool(_probe, 1, spec.load_timeout_s, spec.memory_limit_mb << 20) as pool:
+            ((_, status, value),) = list(pool.imap_unordered([(0, (str(path),))]))
+        if status != "ok":
+            if status == "crash":
+                raise TeacherError(f"{path}: loading needs more memory than teacher.memory_limit_mb allows "
+                                   f"(the loader process died: {value})")  # fmt: skip
+            if status == "timeout":
+                raise TeacherError(f"{path}: loading took longer than {spec.load_timeout_s:g} s")
+            raise _explain(path, str(value))
+        try:
+            obj = _torch_load(str(path))
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+            raise _explain(path, str(e)) from None
+        tensors = _unwrap(obj, path)
+    else:
+        raise TeacherError(f"{path}: not a PyTorch checkpoint, safetensors or TorchScript file (unrecognised bytes)")
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise TeacherError(f"{path}: non-finite weights (NaN or inf) in {key!r}; refusing to label with it")
+    return tensors
+
+
+# --------------------------------------------------------------------------------------------
+# the teacher
+# --------------------------------------------------------------------------------------------
+
+
+class Teacher(nn.Module):
+    """A frozen teacher: always in eval mode, no gradients, with its own input normalisation.
+
+    ``forward(x)`` takes float images in [0, 1], (B, C, H, W), and returns logits; ``features(x)``
+    the last-stage feature map (KD³), when the architecture exposes one.
+    """
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> Teacher:  # the teacher never leaves eval mode
+        return super().train(False)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.normalise(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.model, Backbone):
+            raise FeatureAccessError("a TorchScript teacher exposes logits only; logit-only methods (kd) still work")
+        return self.model.forward_features(self.normalise(x))
+
+
+def _mismatches(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    shapes = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in tensors and tensors[k].shape != v.shape]  # fmt: skip
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (first: {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (first: {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (first: {'; '.join(shapes[:3])})")
+        raise TeacherError(f"{path}: does not match architecture {arch!r}: " + "; ".join(parts))
+
+
+def load_teacher(spec: TeacherSpec, mean: list[float], std: list[float], input_size: int = 32) -> Teacher:
+    """Build the frozen ``Teacher`` from ``spec``, or raise ``TeacherError``."""
+    path = Path(spec.checkpoint)
+    if spec.format == "torchscript":
+        if not path.is_file():
+            raise TeacherError(f"{path}: teacher checkpoint not found")
+        try:
+            with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated; users still ship it
+                warnings.simplefilter("ignore", FutureWarning)
+                model: nn.Module = torch.jit.load(str(path), map_location="cpu")
+        except (RuntimeError, ValueError) as e:
+            raise TeacherError(f"{path}: cannot load TorchScript archive ({str(e).splitlines()[0][:200]})") from None
+    elif spec.format == "state_dict":
+        if not spec.arch:
+            raise TeacherError(f"{path}: teacher.arch is required for format state_dict")
+        tensors = load_state_dict(spec)
+        model = build_model(spec.arch, spec.num_classes, spec.in_chans)
+        classifier = next((k for k, m in model.named_modules() if m is model.classifier), None)  # type: ignore[attr-defined]
+        weight = tensors.get(f"{classifier}.weight") if classifier else None
+        if weight is not None and weight.ndim == 2 and weight.shape[0] != spec.num_classes:
+            raise TeacherError(f"{path}: the teacher has {weight.shape[0]} outputs but the class list has "
+                               f"{spec.num_classes} classes")  # fmt: skip
+        _mismatches(model, tensors, path, spec.arch)
+        model.load_state_dict(tensors, strict=True)
+    else:
+        raise TeacherError(f"teacher.format: {spec.format!r} is not one of state_dict, torchscript")
+    teacher = Teacher(model, mean, std)
+    with torch.no_grad():
+        out = teacher(torch.zeros(1, spec.in_chans, input_size, input_size))
+    if out.ndim != 2 or out.shape[1] != spec.num_classes:
+        raise TeacherError(
+            f"{path}: the teacher has {out.shape[-1]} outputs but the class list has {spec.num_classes} classes"
+        )
+    return teacher
