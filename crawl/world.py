@@ -37,15 +37,17 @@ class RenderParams:
     max_size: int = 160
     nonsquare_prob: float = 0.35
     max_aspect: float = 1.6
-    tint_prob: float = 0.8
-    light_bg_prob: float = 0.6
-    bg_min_level: int = 40
+    tint_prob: float = 0.4
+    light_bg_prob: float = 0.05
+    dark_bg_prob: float = 0.85
+    bg_min_level: int = 1
+    dark_bg_max: int = 4
     object_scale: tuple[float, float] = (0.55, 1.0)
     max_shift: float = 0.15
-    max_rotation_deg: float = 20.0
-    blur_prob: float = 0.3
+    max_rotation_deg: float = 10.0
+    blur_prob: float = 0.15
     max_blur: float = 1.5
-    noise_std: float = 6.0
+    noise_std: float = 2.0
     formats: dict[str, float] = field(default_factory=lambda: {"JPEG": 0.6, "PNG": 0.25, "WEBP": 0.15})
     jpeg_quality: tuple[int, int] = (45, 95)
 
@@ -115,8 +117,11 @@ def _canvas_size(rng: np.random.Generator, p: RenderParams) -> tuple[int, int]:
 
 
 def _background(rng: np.random.Generator, p: RenderParams) -> np.ndarray:
-    if rng.random() < p.light_bg_prob:  # product shot: white to light grey, slightly tinted
+    u = rng.random()
+    if u < p.light_bg_prob:  # product shot: white to light grey, slightly tinted
         return rng.integers(max(p.bg_min_level, 205), 256, size=3)
+    if u < p.light_bg_prob + p.dark_bg_prob:  # dark studio backdrop: navy, charcoal, maroon ...
+        return rng.integers(p.bg_min_level, max(p.bg_min_level, p.dark_bg_max) + 1, size=3)
     return rng.integers(p.bg_min_level, 231, size=3)  # coloured backdrop, never pure black
 
 

@@ -37,7 +37,7 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
     return deco
 
 
-class FeatureAccessError(RuntimeError):
+class FeatureAccessError(ValueError):
     """The architecture does not expose a feature map + linear classifier (KD³ cannot use it)."""
 
 

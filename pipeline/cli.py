@@ -15,7 +15,17 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from pipeline.config import CleanConfig, ConfigError, CrawlConfig, WorldConfig, load_section, read_params
+from pipeline.config import (
+    CleanConfig,
+    ConfigError,
+    CrawlConfig,
+    EvaluateConfig,
+    LabelConfig,
+    TeacherConfig,
+    WorldConfig,
+    load_section,
+    read_params,
+)
 
 app = typer.Typer(
     name="kd3",
@@ -58,8 +68,16 @@ def _guarded(fn: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         typer.secho("interrupted: completed work is kept; rerun to resume", err=True)
         raise typer.Exit(130) from None
-    except (CrawlError, SourceError, StoreLockedError, DiskFullError, FileNotFoundError, PermissionError,
-            ValueError, OSError) as e:  # fmt: skip
+    except (
+        CrawlError,
+        SourceError,
+        StoreLockedError,
+        DiskFullError,
+        FileNotFoundError,
+        PermissionError,
+        ValueError,
+        OSError,
+    ) as e:  # fmt: skip  (TeacherError, FeatureAccessError are ValueErrors)
         _fail(1, str(e))
     raise AssertionError("unreachable")
 
@@ -122,6 +140,39 @@ def clean(params: ParamsOpt = Path("params.yaml")) -> None:
     from pipeline import clean_stage
 
     _guarded(lambda: clean_stage.run(load_section(params, "clean", CleanConfig)))
+
+
+@app.command()
+def teacher(
+    params: ParamsOpt = Path("params.yaml"),
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="your teacher checkpoint (overrides teacher.checkpoint)")
+    ] = None,
+) -> None:
+    """Validate your teacher checkpoint (or train the demo teacher) and write the teacher record."""
+    _setup_logging()
+    from pipeline import teacher_stage
+
+    overrides = {"checkpoint": str(checkpoint) if checkpoint else None}
+    _guarded(lambda: teacher_stage.run(load_section(params, "teacher", TeacherConfig, overrides)))
+
+
+@app.command()
+def label(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Pseudo-label every clean image with the teacher (float16 logits, confidence)."""
+    _setup_logging()
+    from pipeline import label_stage
+
+    _guarded(lambda: label_stage.run(load_section(params, "label", LabelConfig)))
+
+
+@app.command()
+def evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Accuracy on a labelled set of the original distribution (metrics/ for dvc metrics show)."""
+    _setup_logging()
+    from pipeline import evaluate_stage
+
+    _guarded(lambda: evaluate_stage.run(load_section(params, "evaluate", EvaluateConfig)))
 
 
 @mirror_app.command("serve")

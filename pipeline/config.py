@@ -63,15 +63,17 @@ class WorldRender:
     max_size: int = opt(160, 8, 2048)  # longer output side, pixels
     nonsquare_prob: float = opt(0.35, 0, 1)  # share of images with aspect ratio != 1
     max_aspect: float = opt(1.6, 1, 4)  # largest width/height (or height/width) ratio
-    tint_prob: float = opt(0.8, 0, 1)  # share of objects given a colour
-    light_bg_prob: float = opt(0.6, 0, 1)  # light product-shot background, else a coloured one
-    bg_min_level: int = opt(40, 0, 255)  # darkest background channel level (never pure black)
+    tint_prob: float = opt(0.4, 0, 1)  # share of objects given a colour
+    light_bg_prob: float = opt(0.05, 0, 1)  # light product-shot background
+    dark_bg_prob: float = opt(0.85, 0, 1)  # dark studio backdrop; the rest get a mid-level colour
+    bg_min_level: int = opt(1, 0, 255)  # darkest background channel level (0 = allow pure black)
+    dark_bg_max: int = opt(4, 0, 255)  # brightest channel level of a dark backdrop
     object_scale: list[float] = opt([0.55, 1.0])  # object size relative to the canvas
     max_shift: float = opt(0.15, 0, 0.5)  # position jitter, fraction of the canvas
-    max_rotation_deg: float = opt(20.0, 0, 180)
-    blur_prob: float = opt(0.3, 0, 1)
+    max_rotation_deg: float = opt(10.0, 0, 180)
+    blur_prob: float = opt(0.15, 0, 1)
     max_blur: float = opt(1.5, 0, 10)  # Gaussian radius at 28 px scale
-    noise_std: float = opt(6.0, 0, 64)  # additive Gaussian noise, grey levels
+    noise_std: float = opt(2.0, 0, 64)  # additive Gaussian noise, grey levels (std drawn up to this)
     formats: dict[str, float] = opt({"JPEG": 0.6, "PNG": 0.25, "WEBP": 0.15})
     jpeg_quality: list[int] = opt([45, 95])
 
@@ -180,6 +182,70 @@ class CleanConfig:
     worker_memory_mb: int = opt(2048, 64, 1_000_000)  # address-space limit of each worker
     sheet_max: int = opt(48, 0, 1000)  # images per contact sheet
     progress: bool = True
+
+
+# --------------------------------------------------------------------------------------------
+# teacher, label, evaluate (DESIGN.md section 4; RELIABILITY.md section 3)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoTeacherConfig:
+    """How the demo teacher is trained when ``teacher.checkpoint`` is null (Fashion-MNIST only)."""
+
+    source: str = "/usr/share/datasets/fashion-mnist"
+    first: int = opt(0, 0, 60000)  # the teacher's private data: train[first:last]
+    last: int = opt(30000, 1, 60000)
+    epochs: int = opt(5, 1, 1000)
+    batch_size: int = opt(128, 1, 65536)
+    lr: float = opt(0.1, 0, 10, lo_open=True)
+    weight_decay: float = opt(5e-4, 0, 1)
+    seed: int = opt(0, 0)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """``teacher:`` — the user's checkpoint (or the demo teacher) and how to feed it."""
+
+    checkpoint: str | None = None  # your file; null trains the demo teacher on Fashion-MNIST
+    format: Literal["state_dict", "torchscript"] = "state_dict"  # torchscript runs code from the archive
+    arch: str = "resnet8"  # registry or torchvision name (state_dict only)
+    classes: str = "classes.txt"  # one name per line, in the teacher's output order
+    input_size: int = opt(32, 8, 1024)  # the teacher's input side, pixels
+    in_chans: int = opt(3, 1, 4)
+    mean: list[float] = opt([0.286, 0.286, 0.286])  # per channel, on [0, 1] inputs
+    std: list[float] = opt([0.353, 0.353, 0.353], 0, 10, lo_open=True)
+    max_bytes: int = opt(2_000_000_000, 1)
+    memory_limit_mb: int = opt(8192, 64)
+    out_dir: str = "data/teacher"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    demo: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """``label:`` — teacher pseudo-labels for every clean image."""
+
+    clean_dir: str = "data/clean"
+    teacher_dir: str = "data/teacher"
+    out_dir: str = "data/label"
+    batch_size: int = opt(512, 1, 65536)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    truth: str | None = None  # demo only: the world's truth.jsonl, for the report (training never reads it)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """``evaluate:`` — accuracy on a labelled set of the original distribution."""
+
+    teacher_dir: str = "data/teacher"
+    eval_dir: str | None = None  # an image folder with one sub-folder per class name
+    fashion_mnist: str | None = None  # demo: Fashion-MNIST folder; its test split is the eval set
+    first: int = opt(0, 0)  # evaluate eval items [first:last] (the demo keeps 2000 for validation)
+    last: int | None = None
+    batch_size: int = opt(512, 1, 65536)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    out_dir: str = "metrics"
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,6 +421,8 @@ def _world_validate(self: WorldConfig, where: str) -> None:
     if abs(total - 1.0) > 1e-6:
         raise ConfigError(f"{where}.mix: fractions must sum to 1, got {total:.4f}")
     r = self.render
+    if r.light_bg_prob + r.dark_bg_prob > 1:
+        raise ConfigError(f"{where}.render: light_bg_prob + dark_bg_prob must be at most 1")
     if r.min_size > r.max_size:
         raise ConfigError(f"{where}.render.min_size: {r.min_size} is larger than max_size {r.max_size}")
     if len(r.object_scale) != 2 or not 0 < r.object_scale[0] <= r.object_scale[1] <= 1.5:
@@ -417,3 +485,21 @@ def _clean_validate(self: CleanConfig, where: str) -> None:
 WorldConfig.validate = _world_validate  # type: ignore[attr-defined]
 CrawlConfig.validate = _crawl_validate  # type: ignore[attr-defined]
 CleanConfig.validate = _clean_validate  # type: ignore[attr-defined]
+
+
+def _teacher_validate(self: TeacherConfig, where: str) -> None:
+    if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+        raise ConfigError(
+            f"{where}.mean/std: need {self.in_chans} values each (in_chans), got {len(self.mean)}/{len(self.std)}"
+        )
+    if self.demo.last <= self.demo.first:
+        raise ConfigError(f"{where}.demo.last: must be greater than first ({self.demo.first})")
+
+
+def _evaluate_validate(self: EvaluateConfig, where: str) -> None:
+    if self.last is not None and self.last <= self.first:
+        raise ConfigError(f"{where}.last: must be greater than first ({self.first})")
+
+
+TeacherConfig.validate = _teacher_validate  # type: ignore[attr-defined]
+EvaluateConfig.validate = _evaluate_validate  # type: ignore[attr-defined]

@@ -7,7 +7,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import CleanConfig, ConfigError, CrawlConfig, WorldConfig, load_section, parse_shard
+from pipeline.config import (
+    CleanConfig,
+    ConfigError,
+    CrawlConfig,
+    EvaluateConfig,
+    LabelConfig,
+    TeacherConfig,
+    WorldConfig,
+    load_section,
+    parse_shard,
+)
 
 from conftest import REPO
 
@@ -21,6 +31,9 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_shipped_params_load_and_match_the_defaults_where_documented() -> None:
     crawl = load_section(REPO / "params.yaml", "crawl", CrawlConfig)
     assert load_section(REPO / "params.yaml", "clean", CleanConfig) == CleanConfig()  # the file states the defaults
+    assert load_section(REPO / "params.yaml", "teacher", TeacherConfig) == TeacherConfig()
+    for name, cls in (("label", LabelConfig), ("evaluate", EvaluateConfig)):
+        load_section(REPO / "params.yaml", name, cls)
     world = load_section(REPO / "params.yaml", "world", WorldConfig)
     assert crawl.engines == ["mirror"] and crawl.per_class == 300
     assert world.first == 30000 and world.last == 60000
@@ -61,11 +74,17 @@ def test_missing_section_gives_defaults(tmp_path: Path) -> None:
         ("clean:\n  formats: [JPEG, TIFF]\n", r"clean.formats\[1\]: 'TIFF' is not one of"),
         ("clean:\n  image_size: 100000\n", r"clean.image_size: 100000 is out of range"),
         ("clean:\n  verify_mad: -1\n", r"clean.verify_mad: -1.0 is out of range"),
+        ("teacher:\n  format: pickle\n", r"teacher.format: 'pickle' is not one of state_dict, torchscript"),
+        ("teacher:\n  mean: [0.5]\n", r"teacher.mean/std: need 3 values each"),
+        ("teacher:\n  std: [1, 0, 1]\n", r"teacher.std: 0.0 is out of range, allowed \(0"),
+        ("teacher:\n  demo: {epochs: 0}\n", r"teacher.demo.epochs: 0 is out of range"),
+        ("label:\n  device: tpu\n", r"label.device: 'tpu' is not one of auto, cpu, cuda"),
     ],
 )
 def test_bad_params_name_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:
     p = write(tmp_path, text)
-    cls = {"world": WorldConfig, "crawl": CrawlConfig, "clean": CleanConfig}[text.split(":")[0]]
+    cls = {"world": WorldConfig, "crawl": CrawlConfig, "clean": CleanConfig, "teacher": TeacherConfig,
+           "label": LabelConfig, "evaluate": EvaluateConfig}[text.split(":")[0]]  # fmt: skip
     with pytest.raises(ConfigError, match=message) as e:
         load_section(p, text.split(":")[0], cls)
     assert str(p) in str(e.value)
@@ -110,7 +129,8 @@ def test_config_is_frozen() -> None:
 
 def test_dvc_yaml_params_are_config_fields() -> None:
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    sections = {"world": WorldConfig, "crawl": CrawlConfig, "clean": CleanConfig}
+    sections = {"world": WorldConfig, "crawl": CrawlConfig, "clean": CleanConfig, "teacher": TeacherConfig,
+                "label": LabelConfig, "evaluate": EvaluateConfig}  # fmt: skip
     for name, stage in dvc["stages"].items():
         assert stage["cmd"] == f"kd3 {name}"
         for key in stage.get("params", []):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from conftest import REPO, free_port, synthetic_items, write_idx
@@ -46,6 +47,7 @@ def repo_copy(tmp_path: Path) -> Path:
     params["world"]["render"].update(min_size=24, max_size=40)
     params["crawl"].update(per_class=3, min_per_class=1, progress=False)
     params["clean"].update(progress=False, min_side=16)
+    params["label"]["truth"] = None
     params["crawl"]["mirror"]["port"] = free_port()
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.email=t@t", "-c", "user.name=t",
@@ -100,3 +102,29 @@ def test_dvc_repro_clean_runs_after_the_crawl_and_only_when_needed(repo_copy: Pa
     assert third.returncode == 0, third.stderr
     assert "Running stage 'clean'" in third.stdout and "Running stage 'crawl'" not in third.stdout
     assert np.load(repo_copy / "data/clean/images.npy", mmap_mode="r").shape[1:] == (32, 32, 3)
+
+
+def test_dvc_repro_label_reruns_exactly_when_the_checkpoint_changes(repo_copy: Path) -> None:
+    from distill.models import build_model
+
+    torch.manual_seed(0)
+    torch.save(build_model("resnet8", 10).state_dict(), repo_copy / "user.pt")
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["teacher"].update(checkpoint="user.pt", device="cpu")
+    params["label"]["device"] = "cpu"
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    first = run(["dvc", "repro", "label"], repo_copy)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "Running stage 'teacher'" in first.stdout and "Running stage 'label'" in first.stdout
+    logits = (repo_copy / "data/label/logits.npy").read_bytes()
+
+    again = run(["dvc", "repro", "label"], repo_copy)  # the teacher stage checks the file; nothing else runs
+    assert again.returncode == 0, again.stderr
+    assert "Running stage 'label'" not in again.stdout and "Running stage 'clean'" not in again.stdout
+
+    torch.manual_seed(1)
+    torch.save(build_model("resnet8", 10).state_dict(), repo_copy / "user.pt")  # the user swaps the checkpoint
+    third = run(["dvc", "repro", "label"], repo_copy)
+    assert third.returncode == 0, third.stderr
+    assert "Running stage 'label'" in third.stdout and "Running stage 'crawl'" not in third.stdout
+    assert (repo_copy / "data/label/logits.npy").read_bytes() != logits
