@@ -175,7 +175,7 @@ class CleanConfig:
     min_entropy: float = opt(1.5, 0, 8)  # grey-histogram entropy (bits) below this: low_information
     hash_size: int = opt(8, 8, 32)  # pHash side: 8 -> 64-bit hashes
     hamming: int = opt(6, 0, 1024)  # candidate near-duplicates: pHash distance <= this (<= 7: fast at 1e6)
-    verify_mad: float | None = opt(12.0, 0, 255)  # ... confirmed when 16x16 thumbnails differ <= this; null: off
+    verify_mad: float | None = opt(6.0, 0, 255)  # ... confirmed when 16x16 thumbnails differ <= this; null: off
     uniform_std: float = opt(2.0, 0, 128)  # flatter images are never matched perceptually
     workers: int = opt(0, 0, 256)  # decode/hash processes; 0 = every core
     decode_timeout_s: float = opt(10.0, 0.1, 600)  # per image; a hung decoder costs that image
