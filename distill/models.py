@@ -47,7 +47,10 @@ class Backbone(nn.Module):
     classifier: nn.Linear
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        raise FeatureAccessError(type(self).__name__)
+        custom = getattr(self, "_features", None)  # set by set_feature_access
+        if custom is None:
+            raise FeatureAccessError(f"{type(self).__name__} has no feature access")
+        return custom(x)
 
     def forward_head(self, feats: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(feats, 1), 1))
@@ -279,6 +282,54 @@ class TorchvisionModel(Backbone):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def set_feature_access(model: Backbone, feature_layer: str, classifier_layer: str, probe_size: int = 32) -> None:
+    """Point ``forward_features`` / ``classifier`` at named submodules (teacher.feature_layer, ...).
+
+    For networks whose defaults are not known. The pair must reproduce the logits as
+    ``classifier(GAP(features))``, which is what KD³ relies on; this is checked on a random input.
+    """
+    try:
+        feat_mod = model.get_submodule(feature_layer)
+        head = model.get_submodule(classifier_layer)
+    except AttributeError as e:
+        names = [n for n, _ in model.named_modules() if n][:12]
+        raise FeatureAccessError(f"{e}; some module names of this model: {', '.join(names)}") from None
+    if not isinstance(head, nn.Linear):
+        raise FeatureAccessError(f"classifier_layer {classifier_layer!r} is a {type(head).__name__}, not nn.Linear")
+    captured: dict[str, torch.Tensor] = {}
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        hook = feat_mod.register_forward_hook(lambda m, i, o: captured.__setitem__("f", o))
+        try:
+            model.forward(x)
+        finally:
+            hook.remove()
+        return captured.pop("f")
+
+    model.classifier = head  # type: ignore[assignment]
+    model._features = features  # type: ignore[attr-defined]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        x = torch.randn(2, model_in_chans(model), probe_size, probe_size)
+        try:
+            feats = features(x)
+            same = feats.ndim == 4 and torch.allclose(model.forward_head(feats), model(x), atol=1e-3, rtol=1e-3)
+        except RuntimeError:  # shapes that do not even fit together
+            same = False
+        if not same:
+            raise FeatureAccessError(
+                f"GAP({feature_layer}) -> {classifier_layer} does not reproduce the model's logits; KD3 needs the "
+                "map that the final linear layer pools; logit-only methods (kd) still work"
+            )
+    model.train(was_training)
+
+
+def model_in_chans(model: nn.Module) -> int:
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    return int(first.in_channels)
 
 
 def torchvision_names() -> list[str]:

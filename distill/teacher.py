@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from crawl.isolate import IsolatedPool
-from distill.models import Backbone, FeatureAccessError, build_model
+from distill.models import Backbone, FeatureAccessError, build_model, set_feature_access
 
 
 class TeacherError(ValueError):
@@ -47,6 +47,8 @@ class TeacherSpec:
     format: str = "state_dict"  # "state_dict" (incl. .safetensors) or "torchscript"
     arch: str | None = None
     in_chans: int = 3
+    feature_layer: str | None = None  # module names, when the architecture's defaults do not apply
+    classifier_layer: str | None = None
     max_bytes: int = 2_000_000_000
     memory_limit_mb: int = 8192  # for the child process that first unpickles the file
     load_timeout_s: float = 300.0
@@ -289,6 +291,10 @@ def load_teacher(spec: TeacherSpec, mean: list[float], std: list[float], input_s
                                f"{spec.num_classes} classes")  # fmt: skip
         _mismatches(model, tensors, path, spec.arch)
         model.load_state_dict(tensors, strict=True)
+        if spec.feature_layer or spec.classifier_layer:
+            if not (spec.feature_layer and spec.classifier_layer):
+                raise TeacherError("teacher.feature_layer and teacher.classifier_layer go together: set both")
+            set_feature_access(model, spec.feature_layer, spec.classifier_layer, input_size)  # type: ignore[arg-type]
     else:
         raise TeacherError(f"teacher.format: {spec.format!r} is not one of state_dict, torchscript")
     teacher = Teacher(model, mean, std)

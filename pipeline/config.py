@@ -213,6 +213,8 @@ class TeacherConfig:
     classes: str = "classes.txt"  # one name per line, in the teacher's output order
     input_size: int = opt(32, 8, 1024)  # the teacher's input side, pixels
     in_chans: int = opt(3, 1, 4)
+    feature_layer: str | None = None  # module name of the last feature map, when the arch's default does not apply
+    classifier_layer: str | None = None  # module name of the final nn.Linear (goes with feature_layer)
     mean: list[float] = opt([0.286, 0.286, 0.286])  # per channel, on [0, 1] inputs
     std: list[float] = opt([0.353, 0.353, 0.353], 0, 10, lo_open=True)
     max_bytes: int = opt(2_000_000_000, 1)

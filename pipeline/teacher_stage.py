@@ -77,7 +77,8 @@ def _demo_teacher(cfg: TeacherConfig, num_classes: int, out: Path) -> tuple[Path
 
 def teacher_spec(record: dict[str, Any]) -> TeacherSpec:
     return TeacherSpec(checkpoint=record["checkpoint"], num_classes=len(record["classes"]), format=record["format"],
-                       arch=record.get("arch"), in_chans=record["in_chans"])  # fmt: skip
+                       arch=record.get("arch"), in_chans=record["in_chans"], feature_layer=record.get("feature_layer"),
+                       classifier_layer=record.get("classifier_layer"))  # fmt: skip
 
 
 def load_from_record(teacher_dir: str | Path) -> tuple[Teacher, dict[str, Any]]:
@@ -109,6 +110,8 @@ def run(cfg: TeacherConfig) -> dict[str, Any]:
         "classes": classes,
         "input_size": cfg.input_size,
         "in_chans": cfg.in_chans,
+        "feature_layer": cfg.feature_layer,
+        "classifier_layer": cfg.classifier_layer,
         "mean": cfg.mean,
         "std": cfg.std,
         "checkpoint": str(ckpt),

@@ -180,3 +180,23 @@ def test_t11_common_wrappers_are_accepted(tmp_path: Path, weights: dict[str, tor
 def test_t12_file_over_the_size_cap_is_refused_before_reading(good: Path) -> None:
     with pytest.raises(TeacherError, match="over the cap of 1000"):
         load(good, max_bytes=1000)
+
+
+def test_named_feature_and_classifier_layers(tmp_path: Path) -> None:
+    from distill.models import FeatureAccessError, set_feature_access
+
+    torch.manual_seed(0)
+    model = build_model("resnet8", 10)
+    p = tmp_path / "t.pt"
+    torch.save(model.state_dict(), p)
+    teacher = load(p, feature_layer="layers", classifier_layer="classifier")  # the defaults, named
+    assert teacher.features(torch.rand(1, 3, 32, 32)).shape == (1, 64, 8, 8)
+    with pytest.raises(TeacherError, match="go together"):
+        load(p, feature_layer="layers")
+    with pytest.raises(FeatureAccessError, match="does not reproduce the model's logits"):
+        set_feature_access(build_model("resnet8", 10), "layers.1", "classifier")  # not the pooled map
+    with pytest.raises(FeatureAccessError, match="some module names of this model: conv1"):
+        set_feature_access(build_model("resnet8", 10), "nope", "classifier")
+    vgg = build_model("vgg11", 10)  # no default access, and its head is not a single linear layer
+    with pytest.raises(FeatureAccessError, match="does not reproduce"):
+        set_feature_access(vgg, "net.features", "net.classifier.6")
