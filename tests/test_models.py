@@ -54,3 +54,25 @@ def test_torchvision_without_feature_access_says_what_still_works() -> None:
 def test_unknown_architecture_lists_the_registry() -> None:
     with pytest.raises(ValueError, match="unknown architecture 'resnet9000'.*resnet8"):
         build_model("resnet9000", 10)
+
+
+def test_p7_cuda_requested_without_a_gpu_is_a_clear_error() -> None:
+    from distill.data import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU is available"):
+            resolve_device("cuda")
+
+
+def test_fashion_mnist_is_rendered_as_the_teachers_input() -> None:
+    import numpy as np
+
+    from distill.data import fashion_mnist_rgb32, to_float
+
+    raw = np.full((2, 28, 28), 200, dtype=np.uint8)
+    rgb = fashion_mnist_rgb32(raw)
+    assert rgb.shape == (2, 32, 32, 3) and rgb[0, 0, 0, 0] == 0 and rgb[0, 2, 2, 1] == 200
+    x = to_float(rgb, 32, torch.device("cpu"))
+    assert x.shape == (2, 3, 32, 32) and float(x.max()) == pytest.approx(200 / 255)
