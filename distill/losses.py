@@ -1,0 +1,158 @@
+"""Loss terms and selection rules of KD³ and the baselines, as pure functions (KD3_SPEC.md).
+
+Each function takes tensors and returns a tensor; none holds state. The KD³ loss module and the
+trainer (the next issue) combine them into a dict ``{"loss": total, <term>: value, ...}``.
+
+- ``kd_logit``: Hinton KD, ``T² · KL(softmax(o_T/T) ‖ softmax(o_S/T))`` (section 7).
+- ``feature_align``: weighted feature alignment, ``mean(w_i · (P(F_S) − F_T)²)`` with
+  ``w_i = sigmoid(‖o_S − o_T‖₂)`` and no gradient through ``w`` (section 4.1).
+- ``instance_align``: NT-Xent between the clean and perturbed views' embeddings (section 4.3).
+- ``noise_adapt``: DFND's noise adaptation, ``NLL(log(softmax(o_S) Q), ŷ_T)`` (section 7).
+- ``mix_distribution``: MixDistribution on a normalised input batch (section 4.3).
+- ``alpha_schedule``, ``class_thresholds``, ``select_instances``: the per-epoch dynamic instance
+  selection (section 3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+# --------------------------------------------------------------------------------------------
+# loss terms
+# --------------------------------------------------------------------------------------------
+
+
+def kd_logit(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+    """Hinton et al. 2015: ``T² · KL(p_T ‖ p_S)`` at temperature T, averaged over the batch.
+
+    Shapes: (B, K), (B, K) -> scalar. The teacher side carries no gradient.
+    """
+    t = temperature
+    log_p_s = F.log_softmax(student_logits / t, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.detach() / t, dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * t * t
+
+
+def align_maps(student_map: torch.Tensor, teacher_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spatial alignment before the projector (KD3_SPEC.md section 2): pool the larger map down."""
+    hs, ht = student_map.shape[-1], teacher_map.shape[-1]
+    if hs > ht:
+        student_map = F.adaptive_avg_pool2d(student_map, teacher_map.shape[-2:])
+    elif ht > hs:
+        teacher_map = F.adaptive_avg_pool2d(teacher_map, student_map.shape[-2:])
+    return student_map, teacher_map
+
+
+def feature_align(
+    projected: torch.Tensor, teacher_map: torch.Tensor, student_logits: torch.Tensor, teacher_logits: torch.Tensor
+) -> torch.Tensor:
+    """KD³ eq. (weighted feature alignment): ``mean over all elements of w_i · (P(F_S)_i − F_T_i)²``.
+
+    ``projected`` and ``teacher_map`` are (B, C, H, W) (``teacher_map`` after any pooling);
+    ``w_i = sigmoid(‖o_S,i − o_T,i‖₂)`` ∈ (0.5, 1) is computed without gradient, so samples the
+    student still gets wrong weigh more.
+    """
+    with torch.no_grad():
+        w = torch.sigmoid(torch.linalg.vector_norm(student_logits - teacher_logits, dim=1))  # (B,)
+    sq = (projected - teacher_map.detach()) ** 2  # (B, C, H, W)
+    return (w.view(-1, 1, 1, 1) * sq).mean()
+
+
+def instance_align(u: torch.Tensor, u_tilde: torch.Tensor, temperature: float = 0.3) -> torch.Tensor:
+    """NT-Xent (SimCLR) between two views: each of the 2B embeddings has its other view as the
+    positive and the other 2B−2 as negatives; mean over the 2B anchors.
+
+    ``u``, ``u_tilde``: (B, D), L2-normalised by the heads.
+    """
+    b = u.shape[0]
+    z = torch.cat([u, u_tilde], dim=0)  # (2B, D)
+    sim = z @ z.t() / temperature  # (2B, 2B) cosine similarities / t
+    sim = sim.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=z.device), float("-inf"))
+    positives = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+    return F.cross_entropy(sim, positives)
+
+
+def transition_matrix(theta: torch.Tensor, accuracy: float) -> torch.Tensor:
+    """DFND's row-stochastic K×K noise matrix: diagonal fixed to ``accuracy``, each row's
+    off-diagonal entries ``(1 − accuracy) · softmax(θ_i)`` over the other K−1 classes.
+    """
+    k = theta.shape[0]
+    eye = torch.eye(k, dtype=torch.bool, device=theta.device)
+    off = torch.softmax(theta.masked_fill(eye, float("-inf")), dim=1) * (1.0 - accuracy)
+    return off + eye.to(theta.dtype) * accuracy
+
+
+def noise_adapt(student_logits: torch.Tensor, teacher_labels: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """DFND: ``NLL(log(softmax(o_S) Q), ŷ_T)``: the student's clean posterior pushed through the
+    label-noise model ``Q`` should explain the teacher's (noisy) argmax labels."""
+    noisy = torch.softmax(student_logits, dim=1) @ q  # (B, K), rows still sum to 1
+    return F.nll_loss(torch.log(noisy.clamp_min(1e-12)), teacher_labels)
+
+
+# --------------------------------------------------------------------------------------------
+# MixDistribution
+# --------------------------------------------------------------------------------------------
+
+
+def mix_distribution(x: torch.Tensor, generator: torch.Generator | None = None, alpha: float = 0.1) -> torch.Tensor:
+    """Mix per-image channel statistics with a random partner (MixStyle at the input).
+
+    ``x``: normalised batch (B, C, H, W). ``μ_i``, ``σ_i = sqrt(var_i + 1e-6)`` (unbiased) per
+    image and channel, detached; ``λ ~ Beta(α, α)``; ``x̃_i = σ̃ (x_i − μ_i)/σ_i + μ̃`` with
+    ``μ̃ = λμ_i + (1−λ)μ_π(i)`` and the same for σ.
+    """
+    b = x.shape[0]
+    mu = x.mean(dim=(2, 3), keepdim=True).detach()
+    sigma = (x.var(dim=(2, 3), keepdim=True, unbiased=True) + 1e-6).sqrt().detach()
+    perm = torch.randperm(b, generator=generator).to(x.device)
+    beta = torch.distributions.Beta(torch.tensor(alpha), torch.tensor(alpha))
+    if generator is not None:  # Beta has no generator argument: draw from a seeded CPU state
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            lam = beta.sample((b, 1, 1, 1))
+    else:
+        lam = beta.sample((b, 1, 1, 1))
+    lam = lam.to(x.device, x.dtype)
+    mu_mix = lam * mu + (1 - lam) * mu[perm]
+    sigma_mix = lam * sigma + (1 - lam) * sigma[perm]
+    return sigma_mix * (x - mu) / sigma + mu_mix
+
+
+# --------------------------------------------------------------------------------------------
+# dynamic instance selection
+# --------------------------------------------------------------------------------------------
+
+
+def alpha_schedule(epoch: int, epochs: int) -> float:
+    """Teacher weight α_e in the combined logits (epoch is 0-based).
+
+    Reference (E = 240): ``α_e = 1 − exp(−5((e+1)/160 − 1)²)`` for ``e < 120``, else 0. For other
+    E the ramp length 160 becomes 2E/3 and the cut 120 becomes E/2.
+    """
+    ramp, cut = 2 * epochs / 3, epochs / 2
+    if epoch >= cut:
+        return 0.0
+    return 1.0 - math.exp(-5.0 * ((epoch + 1) / ramp - 1.0) ** 2)
+
+
+def class_thresholds(pred: torch.Tensor, num_classes: int, tau: float = 0.95) -> torch.Tensor:
+    """FlexMatch-style thresholds ``τ_k = τ · β_k / (2 − β_k)``, ``β_k = N_k / max N`` (K,)."""
+    counts = torch.bincount(pred, minlength=num_classes).float()
+    beta = counts / counts.max().clamp_min(1)
+    return tau * beta / (2 - beta)
+
+
+def select_instances(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, alpha: float, tau: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep ``c_j > τ_ŷj`` on ``softmax(α o_T + (1−α) o_S)``; returns (mask (N,), pseudo-class (N,)).
+
+    The pseudo-class only chooses the subset: no KD³ loss uses it.
+    """
+    q = torch.softmax(alpha * teacher_logits + (1 - alpha) * student_logits, dim=1)
+    conf, pred = q.max(dim=1)
+    thresholds = class_thresholds(pred, q.shape[1], tau)
+    return conf > thresholds[pred], pred

@@ -1,0 +1,120 @@
+"""Loss terms and selection rules: finite, gradients where they belong, known values (KD3_SPEC.md)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from distill.losses import (
+    align_maps,
+    alpha_schedule,
+    class_thresholds,
+    feature_align,
+    instance_align,
+    kd_logit,
+    mix_distribution,
+    noise_adapt,
+    select_instances,
+    transition_matrix,
+)
+
+
+@pytest.fixture()
+def g() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def test_kd_logit_known_value_zero_at_equality_and_gradient_to_the_student_only(g: torch.Generator) -> None:
+    s = torch.randn(4, 5, generator=g, requires_grad=True)
+    t = torch.randn(4, 5, generator=g, requires_grad=True)
+    loss = kd_logit(s, t, 4.0)
+    p_t, p_s = F.softmax(t / 4, 1), F.softmax(s / 4, 1)
+    by_hand = 16 * (p_t * (p_t.log() - p_s.log())).sum(1).mean()
+    assert torch.isfinite(loss) and torch.allclose(loss, by_hand, atol=1e-6)
+    loss.backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0 and t.grad is None
+    assert kd_logit(t.detach(), t.detach()).abs() < 1e-6
+
+
+def test_feature_align_weights_and_gradients(g: torch.Generator) -> None:
+    proj = torch.randn(3, 8, 4, 4, generator=g, requires_grad=True)
+    ft = torch.randn(3, 8, 4, 4, generator=g, requires_grad=True)
+    s_logits = torch.randn(3, 5, generator=g, requires_grad=True)
+    t_logits = torch.randn(3, 5, generator=g)
+    loss = feature_align(proj, ft, s_logits, t_logits)
+    w = torch.sigmoid((s_logits - t_logits).norm(dim=1)).detach()
+    by_hand = (w.view(-1, 1, 1, 1) * (proj - ft) ** 2).mean()
+    assert torch.allclose(loss, by_hand) and 0.5 < float(w.min()) and float(w.max()) < 1
+    loss.backward()
+    assert proj.grad is not None and ft.grad is None and s_logits.grad is None  # weights carry no gradient
+    assert feature_align(ft.detach(), ft.detach(), s_logits, t_logits) == 0
+
+
+def test_align_maps_pools_the_larger_map() -> None:
+    s, t = align_maps(torch.rand(2, 4, 8, 8), torch.rand(2, 6, 4, 4))
+    assert s.shape == (2, 4, 4, 4) and t.shape == (2, 6, 4, 4)
+    s, t = align_maps(torch.rand(2, 4, 2, 2), torch.rand(2, 6, 4, 4))
+    assert s.shape[-1] == t.shape[-1] == 2
+
+
+def test_instance_align_is_low_for_matching_views_and_log_2b_minus_1_for_identical_embeddings(
+    g: torch.Generator,
+) -> None:
+    u = F.normalize(torch.randn(8, 16, generator=g), dim=1)
+    aligned = instance_align(u, u, 0.3)
+    shuffled = instance_align(u, u[torch.randperm(8, generator=g)], 0.3)
+    assert aligned < shuffled
+    same = F.normalize(torch.ones(4, 3), dim=1)
+    assert instance_align(same, same, 0.3).item() == pytest.approx(math.log(7), rel=1e-5)  # 2B-1 equal logits
+
+
+def test_transition_matrix_and_noise_adaptation(g: torch.Generator) -> None:
+    theta = torch.randn(4, 4, generator=g, requires_grad=True)
+    q = transition_matrix(theta, 0.9)
+    assert torch.allclose(q.sum(1), torch.ones(4)) and torch.allclose(q.diagonal(), torch.full((4,), 0.9))
+    logits = torch.randn(6, 4, generator=g, requires_grad=True)
+    labels = torch.randint(0, 4, (6,), generator=g)
+    loss = noise_adapt(logits, labels, q)
+    by_hand = -torch.log((F.softmax(logits, 1) @ q)[torch.arange(6), labels]).mean()
+    assert torch.isfinite(loss) and torch.allclose(loss, by_hand)
+    loss.backward()
+    assert theta.grad is not None and logits.grad is not None  # both Q's θ and the student learn
+
+
+def test_mix_distribution_mixes_statistics_and_is_seeded() -> None:
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * torch.arange(1, 7).view(6, 1, 1, 1)
+    a = mix_distribution(x, torch.Generator().manual_seed(5))
+    b = mix_distribution(x, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.shape == x.shape and torch.isfinite(a).all()
+    assert not torch.allclose(a, x)  # statistics moved towards the partners'
+    # per image and channel only mean and scale change: the centred content is perfectly correlated
+    ca = (a - a.mean((2, 3), keepdim=True)).reshape(18, -1)
+    cx = (x - x.mean((2, 3), keepdim=True)).reshape(18, -1)
+    assert float(F.cosine_similarity(ca, cx).min()) > 0.9999
+
+
+@pytest.mark.parametrize(
+    ("epoch", "value"), [(1, 0.992), (20, 0.977), (60, 0.853), (100, 0.493), (119, 0.268), (120, 0.0)]
+)
+def test_alpha_schedule_matches_the_reference_values(epoch: int, value: float) -> None:
+    assert alpha_schedule(epoch, 240) == pytest.approx(value, abs=1e-3)
+
+
+def test_alpha_schedule_scales_with_the_number_of_epochs() -> None:
+    assert alpha_schedule(30, 60) == 0.0 and alpha_schedule(29, 60) > 0
+    assert alpha_schedule(5, 60) == pytest.approx(alpha_schedule(20, 240), abs=0.01)
+
+
+def test_class_thresholds_and_selection() -> None:
+    pred = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    th = class_thresholds(pred, 4)
+    assert th[0] == pytest.approx(0.95) and th[1] == pytest.approx(0.95 * 0.5 / 1.5) and th[3] == 0
+    t = torch.tensor([[9.0, 0, 0], [0.2, 0.1, 0], [0, 9.0, 0]])
+    s = torch.zeros(3, 3)
+    mask, pseudo = select_instances(t, s, alpha=1.0)
+    assert pseudo.tolist() == [0, 0, 1] and mask.tolist() == [True, False, True]
+    mask, _ = select_instances(t, s, alpha=0.0)  # the untrained student alone is never confident
+    assert mask.tolist() == [False, False, False]
