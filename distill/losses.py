@@ -47,17 +47,22 @@ def align_maps(student_map: torch.Tensor, teacher_map: torch.Tensor) -> tuple[to
 
 
 def feature_align(
-    projected: torch.Tensor, teacher_map: torch.Tensor, student_logits: torch.Tensor, teacher_logits: torch.Tensor
+    projected: torch.Tensor,
+    teacher_map: torch.Tensor,
+    student_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KD³ eq. (weighted feature alignment): ``mean over all elements of w_i · (P(F_S)_i − F_T_i)²``.
 
     ``projected`` and ``teacher_map`` are (B, C, H, W) (``teacher_map`` after any pooling);
     ``w_i = sigmoid(‖o_S,i − o_T,i‖₂)`` ∈ (0.5, 1) is computed without gradient, so samples the
-    student still gets wrong weigh more.
+    student still gets wrong weigh more. Without logits, ``w = 1`` (plain MSE, the ablation).
     """
+    sq = (projected - teacher_map.detach()) ** 2  # (B, C, H, W)
+    if student_logits is None or teacher_logits is None:
+        return sq.mean()
     with torch.no_grad():
         w = torch.sigmoid(torch.linalg.vector_norm(student_logits - teacher_logits, dim=1))  # (B,)
-    sq = (projected - teacher_map.detach()) ** 2  # (B, C, H, W)
     return (w.view(-1, 1, 1, 1) * sq).mean()
 
 
