@@ -17,7 +17,6 @@ from __future__ import annotations
 import abc
 import html
 import json
-import logging
 import queue
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -34,8 +33,6 @@ from icrawler.utils import Signal
 
 from crawl.classes import ClassName, normalise
 from crawl.download import Fetcher
-
-log = logging.getLogger(__name__)
 
 
 class SourceError(RuntimeError):

@@ -40,6 +40,7 @@ from crawl.isolate import IsolatedPool, default_workers
 from crawl.manifest import latest_records
 from crawl.sheets import contact_sheet, grid
 from pipeline.config import CleanConfig
+from pipeline.outputs import write_json
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def run(cfg: CleanConfig) -> dict[str, Any]:
     report = _report(objects, kept, dropped, clusters, workers, replaced, analysed_s, search_s, time.time() - started)
     report["near_duplicate_candidates"] = candidates
     report["near_duplicate_pairs_verified"] = len(pairs)
-    (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(tmp / "report.json", report)
     del scratch, small
     (tmp / "scratch.npy").unlink()
     (tmp / "small.npy").unlink()

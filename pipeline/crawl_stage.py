@@ -8,7 +8,6 @@ the process exits 143 (SIGINT: 130), never 0, so DVC does not record a half-fini
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -17,7 +16,6 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from crawl.classes import build_queries, read_classes, read_synonyms, select_shard
 from crawl.crawler import ClassReport, Crawler, CrawlError, peak_rss_mb, summary_table
@@ -25,6 +23,7 @@ from crawl.download import Fetcher, HttpLimits
 from crawl.mirror import MirrorServer
 from crawl.sources import SearchContext, make_source
 from pipeline.config import CrawlConfig, parse_shard
+from pipeline.outputs import write_json
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +46,6 @@ def http_limits(cfg: CrawlConfig) -> HttpLimits:
     )  # fmt: skip
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def run(cfg: CrawlConfig) -> list[ClassReport]:
     """Run the crawl; raises ``CrawlError`` (after writing the report) when classes come back short."""
     classes = read_classes(cfg.classes)
@@ -63,7 +56,7 @@ def run(cfg: CrawlConfig) -> list[ClassReport]:
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise PermissionError(f"{out}: output folder is not writable")
-    _write_json(out / "classes.json", [{"index": c.index, "name": c.name, "slug": c.slug} for c in classes])
+    write_json(out / "classes.json", [{"index": c.index, "name": c.name, "slug": c.slug} for c in classes])
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     started = time.time()
@@ -108,7 +101,7 @@ def run(cfg: CrawlConfig) -> list[ClassReport]:
         "downloaded": sum(r.downloaded for r in reports),
         "problems": str(error).splitlines() if error else [],
     }
-    _write_json(out / "report.json", report)
+    write_json(out / "report.json", report)
     if reports:
         print(summary_table(reports), file=sys.stderr)
     print(

@@ -10,7 +10,6 @@ student beside the teacher, and teacher-student agreement on held-out web images
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from distill.data import fashion_mnist_rgb32, resolve_device
 from distill.label import confusion, predict
 from distill.plots import confusion_image
 from pipeline.config import EvaluateConfig
+from pipeline.outputs import write_json
 from pipeline.teacher_stage import load_from_record
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     }
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "teacher.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(out / "teacher.json", metrics)
     confusion_image(cm, classes, out / "teacher_confusion.png", f"teacher on {source}")
     print(
         f"evaluate: teacher accuracy {metrics['teacher_accuracy']:.4f} on {len(labels)} images ({source})",

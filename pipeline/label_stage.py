@@ -22,6 +22,7 @@ from distill.data import resolve_device
 from distill.label import predict, softmax
 from distill.plots import bar_chart
 from pipeline.config import LabelConfig
+from pipeline.outputs import write_json
 from pipeline.teacher_stage import load_from_record
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
     }
     if cfg.truth:
         report["demo_truth"] = _truth_metrics(cfg.truth, kept, pred, classes)
-    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(out / "report.json", report)
     bar_chart(
         hist.tolist(), [f"{e:.2f}" for e in edges[:-1]], out / "confidence.png", "teacher confidence on the web pool"
     )

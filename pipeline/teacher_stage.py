@@ -28,6 +28,7 @@ from distill.models import build_model
 from distill.supervised import train_classifier
 from distill.teacher import Teacher, TeacherSpec, load_teacher
 from pipeline.config import TeacherConfig
+from pipeline.outputs import write_json
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +39,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _demo_teacher(cfg: TeacherConfig, num_classes: int, out: Path) -> tuple[Path, dict[str, Any]]:
@@ -123,6 +118,6 @@ def run(cfg: TeacherConfig) -> dict[str, Any]:
     record["bytes"] = ckpt.stat().st_size
     if demo is not None:
         record["demo"] = demo
-    _write_json(out / "teacher.json", record)
+    write_json(out / "teacher.json", record)
     log.info("teacher: %s %s, %d classes, sha256 %s", fmt, record["arch"] or "", len(classes), record["sha256"][:12])
     return record
