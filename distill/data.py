@@ -7,7 +7,9 @@ Fashion-MNIST split rendered like the teacher's training data); ``to_float`` tur
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -25,7 +27,11 @@ def resolve_device(name: str) -> torch.device:
 
 def to_float(batch: np.ndarray | torch.Tensor, size: int, device: torch.device, in_chans: int = 3) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, in_chans, size, size) float in [0, 1] on ``device`` (bilinear, antialiased)."""
-    x = torch.as_tensor(np.ascontiguousarray(batch)).to(device, non_blocking=True)
+    if isinstance(batch, np.ndarray):
+        batch = np.ascontiguousarray(batch)
+        if not batch.flags.writeable:  # a whole read-only memmap: torch wants a writable buffer
+            batch = batch.copy()
+    x = torch.as_tensor(batch).to(device, non_blocking=True)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
@@ -46,3 +52,113 @@ def fashion_mnist_rgb32(images: np.ndarray) -> np.ndarray:
     """
     padded = np.pad(images, ((0, 0), (2, 2), (2, 2)))
     return np.repeat(padded[..., None], 3, axis=3)
+
+
+# --------------------------------------------------------------------------------------------
+# training data: the packed pool, batched augmentation, held-out rows
+# --------------------------------------------------------------------------------------------
+
+
+def random_resized_crop(
+    x: torch.Tensor, size: int, scale: tuple[float, float], generator: torch.Generator, flip: bool = True,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:  # fmt: skip
+    """RandomResizedCrop(size, scale, ratio) + horizontal flip for a whole (B, C, H, W) float batch at once.
+
+    One affine grid per image (area fraction ``s ~ U(scale)``, log-uniform aspect ratio, uniform
+    position inside the image) and one bilinear ``grid_sample``: no per-image Python, no PIL, the
+    same code on CPU and GPU. ``generator`` lives on ``x``'s device.
+    """
+    b, dev = x.shape[0], x.device
+    u = torch.rand(b, 5, generator=generator, device=dev)
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+    r = torch.exp(log_r)
+    w = torch.sqrt(area * r).clamp(max=1.0)  # fractions of the full width / height
+    h = torch.sqrt(area / r).clamp(max=1.0)
+    cx = (2 * u[:, 2] - 1) * (1 - w)  # normalised centre, the crop stays inside the image
+    cy = (2 * u[:, 3] - 1) * (1 - h)
+    sx = torch.where((u[:, 4] < 0.5) & flip, -w, w)  # a negative x scale mirrors the crop
+    theta = torch.zeros(b, 2, 3, device=dev, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, h, cy
+    grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def random_grayscale(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Replace each image of a (B, 3, H, W) batch by its luma, replicated, with probability ``p``."""
+    if p <= 0:
+        return x
+    pick = torch.rand(x.shape[0], generator=generator, device=x.device) < p
+    luma = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+    return torch.where(pick.view(-1, 1, 1, 1), luma, x)
+
+
+def uint8_to_float(batch: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 tensor -> (B, 3, H, W) float in [0, 1], channels-last in memory."""
+    return batch.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+class ImagePool:
+    """The packed (N, H, W, 3) uint8 array as batches on the training device.
+
+    On CUDA the whole pool is copied to the GPU once when it fits ``gpu_budget_bytes`` (batches are
+    then a device-side gather); otherwise batches are gathered from the (memory-mapped) array on a
+    background thread into pinned memory and copied asynchronously, one batch ahead. On CPU the
+    array is read in place (a gather per batch, no per-image work).
+    """
+
+    def __init__(self, images: np.ndarray, device: torch.device, gpu_budget_bytes: int = 4 << 30) -> None:
+        self.images, self.device = images, device
+        self.resident = device.type == "cuda" and images.nbytes <= gpu_budget_bytes
+        self.data: torch.Tensor | None = None
+        if self.resident:
+            self.data = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+        elif device.type == "cpu":
+            self.data = torch.from_numpy(np.array(images)) if isinstance(images, np.memmap) else torch.from_numpy(
+                np.ascontiguousarray(images))  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def fetch(self, idx: torch.Tensor) -> torch.Tensor:
+        """uint8 rows ``idx`` (a CPU int64 tensor), in that order, on the device."""
+        if self.data is not None:
+            return self.data[idx.to(self.data.device)]
+        want = idx.numpy()
+        by_pos = np.argsort(want, kind="stable")  # read the memmap in ascending row order
+        rows = np.empty((len(want), *self.images.shape[1:]), dtype=self.images.dtype)
+        rows[by_pos] = self.images[want[by_pos]]
+        host = torch.from_numpy(rows)
+        if self.device.type == "cuda":
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host
+
+    def stream(self, index_batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The uint8 batch for each index batch; gathers one batch ahead on a thread when not resident."""
+        if self.data is not None or len(index_batches) < 2:
+            for idx in index_batches:
+                yield self.fetch(idx)
+            return
+        with ThreadPoolExecutor(max_workers=1) as ex:
+            pending = ex.submit(self.fetch, index_batches[0])
+            for i in range(len(index_batches)):
+                batch = pending.result()
+                if i + 1 < len(index_batches):
+                    pending = ex.submit(self.fetch, index_batches[i + 1])
+                yield batch
+
+    def iterate(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(step, indices, uint8 batch) over ``order`` in batches of ``batch_size``."""
+        chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        for i, (idx, batch) in enumerate(zip(chunks, self.stream(chunks), strict=True)):
+            yield i, idx, batch
+
+
+def holdout_mask(keys: list[str], fraction: float) -> np.ndarray:
+    """Rows held out of training (teacher-student agreement on unseen web images).
+
+    Decided by each image's SHA-256, so the same image is held out in every run and after a recrawl.
+    """
+    cut = int(fraction * 2**32)
+    return np.array([int(k[:8], 16) < cut for k in keys], dtype=bool)

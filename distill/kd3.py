@@ -20,8 +20,18 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from distill.losses import feature_align, instance_align
+from distill.losses import (
+    alpha_schedule,
+    feature_align,
+    instance_align,
+    kd_logit,
+    mix_distribution,
+    query_log_prior,
+    select_instances,
+)
 from distill.models import Backbone
+from distill.teacher import Teacher
+from distill.trainer import Method
 
 
 class Projector(nn.Module):
@@ -54,7 +64,7 @@ class KD3Student(nn.Module):
 
     def __init__(
         self, backbone: Backbone, teacher_classifier: nn.Linear, teacher_channels: int, teacher_hw: int,
-        shared_classifier: bool = True,
+        shared_classifier: bool = True, contrastive: bool = True,
     ) -> None:  # fmt: skip
         super().__init__()
         self.backbone = backbone
@@ -66,7 +76,7 @@ class KD3Student(nn.Module):
                 p.requires_grad_(False)  # h_T is reused, never updated
         else:
             self.classifier.reset_parameters()  # ablation: the student's own classifier
-        self.head = ContrastiveHead(teacher_channels)
+        self.head = ContrastiveHead(teacher_channels) if contrastive else None  # g_S, for instance alignment
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """``P(F_S(x))`` after spatial alignment: (B, C_t, h, w) with h <= teacher_hw."""
@@ -82,28 +92,35 @@ class KD3Student(nn.Module):
         """Everything the loss needs from one view: projected map, logits and embedding."""
         projected = self.project(x)
         z = torch.flatten(F.adaptive_avg_pool2d(projected, 1), 1)
-        return {"projected": projected, "logits": self.classifier(z), "embedding": self.head(z)}
+        out = {"projected": projected, "logits": self.classifier(z)}
+        if self.head is not None:
+            out["embedding"] = self.head(z)
+        return out
 
 
 class KD3Loss(nn.Module):
     """Named, weighted KD³ terms; ``forward`` returns ``{"loss": total, <term>: value, ...}``."""
 
     def __init__(self, feature_weight: float = 1.0, mix_weight: float = 0.001, temperature: float = 0.3,
-                 feature_weighting: bool = True, mixdistribution: bool = True) -> None:  # fmt: skip
+                 feature_weighting: bool = True, mixdistribution: bool = True, kd_weight: float = 0.0,
+                 kd_temperature: float = 4.0) -> None:  # fmt: skip
         super().__init__()
         self.feature_weight, self.mix_weight, self.temperature = feature_weight, mix_weight, temperature
         self.feature_weighting, self.mixdistribution = feature_weighting, mixdistribution
+        self.kd_weight, self.kd_temperature = kd_weight, kd_temperature
 
     def describe(self) -> str:
         w = "sigmoid(‖o_S − o_T‖₂)" if self.feature_weighting else "1"
         terms = [f"{self.feature_weight:g} · mean({w} · (P(F_S) − F_T)²)"]
         if self.mixdistribution and self.mix_weight:
             terms.append(f"{self.mix_weight:g} · NT-Xent(g_S(x), g_S(MixDistribution(x)); t={self.temperature:g})")
+        if self.kd_weight:
+            terms.append(f"{self.kd_weight:g} · KD(o_S, o_T; T={self.kd_temperature:g})")
         return "L = " + " + ".join(terms)
 
     def forward(
         self, clean: dict[str, torch.Tensor], mixed: dict[str, torch.Tensor] | None, teacher_map: torch.Tensor,
-        teacher_logits: torch.Tensor,
+        teacher_logits: torch.Tensor, log_prior: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:  # fmt: skip
         projected = clean["projected"]
         if teacher_map.shape[-1] > projected.shape[-1]:  # the teacher map is pooled to the student's size
@@ -117,4 +134,71 @@ class KD3Loss(nn.Module):
         if self.mixdistribution and self.mix_weight and mixed is not None:
             out["instance_align"] = instance_align(clean["embedding"], mixed["embedding"], self.temperature)
             total = total + self.mix_weight * out["instance_align"]
+        if self.kd_weight:
+            out["kd"] = kd_logit(clean["logits"], teacher_logits, self.kd_temperature, log_prior)
+            total = total + self.kd_weight * out["kd"]
         return {"loss": total, **out}
+
+
+class KD3Method(Method):
+    """KD³ as KD3_SPEC.md sections 2-4 describe it, every component behind a switch.
+
+    Switched off, a component is replaced by: ``selection`` -> every pool row, every epoch;
+    ``shared_classifier`` -> the student's own linear layer, trained by Hinton KD (T=4) since no
+    KD³ term reaches a classifier; ``feature_weighting`` -> w = 1 (plain MSE);
+    ``mixdistribution`` -> no perturbed view and no instance term.
+    """
+
+    name = "kd3"
+
+    def __init__(
+        self, teacher: Teacher, backbone: Backbone, *, input_size: int, in_chans: int = 3, selection: bool = True,
+        shared_classifier: bool = True, feature_weighting: bool = True, mixdistribution: bool = True,
+        tau: float = 0.95, adaptive_thresholds: bool = True, mix_weight: float = 0.001, temperature: float = 0.3,
+        feature_weight: float = 1.0, kd_weight: float = 0.0, query_prior: float = 0.0,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        c_t, hw = teacher.feature_shape(input_size, in_chans)
+        self.teacher = teacher
+        self.student = KD3Student(backbone, teacher.classifier, c_t, hw, shared_classifier, contrastive=mixdistribution)
+        if not shared_classifier and not kd_weight:
+            kd_weight = 1.0
+        self.loss_fn = KD3Loss(feature_weight, mix_weight, temperature, feature_weighting, mixdistribution, kd_weight)
+        self.selection, self.tau, self.adaptive_thresholds = selection, tau, adaptive_thresholds
+        self.query_prior = query_prior
+
+    def describe(self) -> str:
+        sel = "dynamic selection" if self.selection else "no selection"
+        prior = f"; query prior ρ={self.query_prior:g} in selection and KD targets" if self.query_prior else ""
+        return f"{self.loss_fn.describe()}; {sel}{prior}"
+
+    def needs_student_logits(self, epoch: int) -> bool:
+        return self.selection
+
+    def select(
+        self, epoch: int, epochs: int, teacher_logits: torch.Tensor, student_logits: torch.Tensor | None,
+        queries: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        if not self.selection or student_logits is None:
+            return super().select(epoch, epochs, teacher_logits, student_logits)
+        alpha = alpha_schedule(epoch, epochs)
+        if self.query_prior and queries is not None:  # ours: select on the posterior given the query
+            student_logits = student_logits + query_log_prior(queries, teacher_logits.shape[1], self.query_prior)
+            teacher_logits = teacher_logits + query_log_prior(queries, teacher_logits.shape[1], self.query_prior)
+        if self.adaptive_thresholds:
+            return select_instances(teacher_logits, student_logits, alpha, self.tau)
+        q = torch.softmax(alpha * teacher_logits + (1 - alpha) * student_logits, dim=1)
+        conf, pred = q.max(1)
+        return conf > self.tau, pred
+
+    def forward(self, x01: torch.Tensor, generator: torch.Generator | None = None,
+                queries: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+        with torch.no_grad():
+            t_map, t_logits = self.teacher.features_and_logits(x01)
+        x = self.teacher.normalise(x01)
+        clean = self.student.parts(x)
+        mixed = self.student.parts(mix_distribution(x, generator)) if self.loss_fn.mixdistribution else None
+        prior = None
+        if self.query_prior and queries is not None:
+            prior = query_log_prior(queries, t_logits.shape[1], self.query_prior)
+        return self.loss_fn(clean, mixed, t_map.float(), t_logits.float(), prior)

@@ -25,14 +25,22 @@ import torch.nn.functional as F  # noqa: N812
 # --------------------------------------------------------------------------------------------
 
 
-def kd_logit(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+def kd_logit(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0,
+    log_prior: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Hinton et al. 2015: ``T² · KL(p_T ‖ p_S)`` at temperature T, averaged over the batch.
 
-    Shapes: (B, K), (B, K) -> scalar. The teacher side carries no gradient.
+    Shapes: (B, K), (B, K) -> scalar. The teacher side carries no gradient. With ``log_prior``
+    (B, K) the target is ``p_T ∝ softmax(o_T/T) · π`` (ours: the crawl query as a prior, see
+    ``query_log_prior``).
     """
     t = temperature
     log_p_s = F.log_softmax(student_logits / t, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.detach() / t, dim=1)
+    target = teacher_logits.detach() / t
+    if log_prior is not None:
+        target = target + log_prior
+    log_p_t = F.log_softmax(target, dim=1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * t * t
 
 
@@ -78,6 +86,21 @@ def instance_align(u: torch.Tensor, u_tilde: torch.Tensor, temperature: float = 
     sim = sim.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=z.device), float("-inf"))
     positives = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
     return F.cross_entropy(sim, positives)
+
+
+def query_log_prior(query: torch.Tensor, num_classes: int, rho: float) -> torch.Tensor:
+    """Ours (not in the paper): the class a web image was crawled for, as a prior over its label.
+
+    ``log π`` with ``π_q = ρ`` for the query class ``q`` and ``(1 − ρ)/(K − 1)`` for the others;
+    rows with ``q < 0`` (several queries found the image) are uniform. (B,) -> (B, K).
+    """
+    k = num_classes
+    rest = math.log((1 - rho) / (k - 1)) if rho < 1 else -30.0
+    out = torch.full((query.shape[0], k), rest, device=query.device)
+    known = query >= 0
+    out[known, query[known]] = math.log(rho) if rho > 0 else -30.0
+    out[~known] = -math.log(k)
+    return out
 
 
 def transition_matrix(theta: torch.Tensor, accuracy: float) -> torch.Tensor:

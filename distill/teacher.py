@@ -249,6 +249,23 @@ class Teacher(nn.Module):
             raise FeatureAccessError("a TorchScript teacher exposes logits only; logit-only methods (kd) still work")
         return self.model.forward_features(self.normalise(x))
 
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last-stage map and the logits from one pass."""
+        f = self.features(x)
+        return f, self.model.forward_head(f)  # type: ignore[operator]
+
+    def feature_shape(self, input_size: int, in_chans: int = 3) -> tuple[int, int]:
+        """(channels, side) of the last-stage map for a square input."""
+        with torch.no_grad():
+            f = self.features(torch.zeros(1, in_chans, input_size, input_size, device=self.mean.device))
+        return int(f.shape[1]), int(f.shape[-1])
+
+    @property
+    def classifier(self) -> nn.Linear:
+        if not isinstance(self.model, Backbone):
+            raise FeatureAccessError("a TorchScript teacher exposes logits only; logit-only methods (kd) still work")
+        return self.model.classifier
+
 
 def _mismatches(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, arch: str) -> None:
     own = model.state_dict()

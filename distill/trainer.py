@@ -1,0 +1,432 @@
+"""The distillation loop: per-epoch selection, batched device-side augmentation, AMP, resume, DDP.
+
+The trainer receives built objects (a ``Method``, an ``ImagePool``, the teacher's logits on the
+clean view of every pool row) and plain settings; it never sees the config tree.
+
+Each epoch:
+1. selection pass (``Method.select``) over every training row of the pool, in eval mode without
+   gradients; under DDP each rank scores a shard and the logits are all-gathered;
+2. a shuffled pass over the selected rows: uint8 rows -> RandomResizedCrop + flip on the device
+   -> ``Method.forward`` -> named loss terms -> NaN guard -> backward -> SGD step;
+3. the evaluation callback (rank 0), a history row, an atomic checkpoint.
+
+Checkpoints hold everything a resumed run needs to continue as if uninterrupted: model, optimizers,
+scheduler, the epoch's selected order and step, and every RNG state. SIGTERM/SIGINT stop at the next
+step boundary with a checkpoint and raise ``TrainingInterrupted`` (the CLI exits 143/130).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distill.data import ImagePool, random_grayscale, random_resized_crop, to_float, uint8_to_float
+
+log = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM during training; a checkpoint was written at the last step boundary."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class NonFiniteLoss(RuntimeError):
+    """A non-finite loss or gradient under ``nan_policy: abort`` (no step was taken with it)."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    lr_schedule: str = "step"  # step: ×gamma at each milestone (fractions of epochs); cosine
+    milestones: tuple[float, ...] = (0.625, 0.75, 0.875)  # the reference 150/180/210 of 240
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+
+    def lr_factor(self, epoch: int) -> float:
+        if epoch < self.warmup_epochs:
+            return (epoch + 1) / (self.warmup_epochs + 1)
+        if self.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
+        return self.gamma ** sum(epoch >= round(m * self.epochs) for m in self.milestones)
+
+
+@dataclass(frozen=True)
+class Augment:
+    size: int  # the teacher's input side
+    scale: tuple[float, float] = (0.35, 1.0)  # RandomResizedCrop area fraction
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # ... and aspect ratio
+    flip: bool = True
+    grayscale: float = 0.0  # probability of replacing an image by its luma
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp: bool = True  # bf16 autocast (CUDA only)
+    channels_last: bool = True  # (CUDA only)
+    compile: bool = False  # torch.compile the method's forward
+    nan_policy: str = "abort"  # abort | skip
+    max_skipped: int = 10  # consecutive non-finite steps before even "skip" aborts
+    eval_batch_size: int = 512
+
+
+class Method(nn.Module):
+    """What the trainer needs from KD³, KD and DFND.
+
+    ``student`` is the deployable network (normalised input -> logits); ``forward(x01, gen,
+    queries)`` returns ``{"loss": total, <term>: value}`` for a [0, 1] batch (``queries``: the class
+    each image was crawled for, -1 when unknown; only methods that opt in read it); ``select``
+    returns the boolean mask of pool rows to train on this epoch (and the pseudo-classes, for reports).
+    """
+
+    name = "method"
+    teacher: nn.Module
+    student: nn.Module
+
+    def needs_student_logits(self, epoch: int) -> bool:
+        return False
+
+    def select(
+        self, epoch: int, epochs: int, teacher_logits: torch.Tensor, student_logits: torch.Tensor | None,
+        queries: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        n = teacher_logits.shape[0]
+        return torch.ones(n, dtype=torch.bool), teacher_logits.argmax(1)
+
+    def extra_optimizers(self) -> list[torch.optim.Optimizer]:
+        return []
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("teacher.")]
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temp file, fsync, rename: a kill or a full disk never tears ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class Trainer:
+    def __init__(
+        self,
+        method: Method,
+        pool: ImagePool,
+        teacher_logits: torch.Tensor,
+        *,
+        schedule: Schedule,
+        augment: Augment,
+        runtime: Runtime,
+        seed: int,
+        train_rows: np.ndarray | None = None,
+        checkpoint: Path | None = None,
+        fingerprint: str = "",
+        selection_view: str = "clean",
+        evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+        truth: np.ndarray | None = None,
+        queries: np.ndarray | None = None,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.method, self.pool, self.schedule, self.augment, self.rt = method, pool, schedule, augment, runtime
+        self.device = runtime.device
+        self.rank, self.world = _rank_world()
+        if schedule.batch_size % self.world:
+            raise ValueError(f"batch_size {schedule.batch_size} is not divisible by {self.world} processes")
+        rows = np.arange(len(pool)) if train_rows is None else np.flatnonzero(train_rows)
+        self.rows = torch.from_numpy(rows.astype(np.int64))
+        self.teacher_logits = teacher_logits.float()[self.rows]  # (n_train, K), clean view
+        self.truth = None if truth is None else torch.as_tensor(truth[rows])
+        q = np.full(len(pool), -1) if queries is None else queries
+        self.queries = torch.as_tensor(q.astype(np.int64))  # by pool row
+        self.seed, self.checkpoint, self.fingerprint = seed, checkpoint, fingerprint
+        self.selection_view, self.evaluate, self.on_epoch = selection_view, evaluate, on_epoch
+        torch.manual_seed(seed)
+        method.to(self.device)
+        if self.device.type == "cuda" and runtime.channels_last:
+            method.to(memory_format=torch.channels_last)
+        self.params = method.trainable()
+        self.opt = torch.optim.SGD(self.params, lr=schedule.lr, momentum=schedule.momentum,
+                                   weight_decay=schedule.weight_decay, nesterov=schedule.nesterov)  # fmt: skip
+        self.extra_opts = method.extra_optimizers()
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule.lr_factor)
+        self.order_gen = torch.Generator().manual_seed(seed)  # shared by all ranks: same order
+        self.mix_gen = torch.Generator().manual_seed(seed * 1000 + 1 + self.rank)
+        self.aug_gen = torch.Generator(device=self.device).manual_seed(seed * 1000 + 2 + self.rank)
+        self.step_fn: nn.Module = method
+        if self.world > 1:
+            self.step_fn = nn.parallel.DistributedDataParallel(
+                method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )  # fmt: skip
+        if runtime.compile:
+            self.step_fn = torch.compile(self.step_fn)  # type: ignore[assignment]
+        self.epoch, self.step, self.global_step = 0, 0, 0
+        self.order: torch.Tensor | None = None  # this epoch's shuffled selection (positions in self.rows)
+        self.epoch_info: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self._signal: int | None = None
+        self.resumed = self._resume()
+
+    # ---------------------------------------------------------------------------- checkpoints
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint,
+            "method": self.method.state_dict(),
+            "opt": self.opt.state_dict(),
+            "extra_opts": [o.state_dict() for o in self.extra_opts],
+            "sched": self.sched.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "global_step": self.global_step,
+            "order": self.order,
+            "epoch_info": self.epoch_info,
+            "history": self.history,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "order": self.order_gen.get_state(),
+                "mix": self.mix_gen.get_state(),
+                "aug": self.aug_gen.get_state(),
+                "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+            },
+        }
+
+    def save(self) -> None:
+        if self.checkpoint is not None and self.rank == 0:
+            atomic_save(self.state(), self.checkpoint)
+        if self.world > 1:
+            dist.barrier()
+
+    def _resume(self) -> bool:
+        if self.checkpoint is None or not self.checkpoint.is_file():
+            return False
+        try:
+            state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001  (a foreign or damaged file: start over, say why)
+            log.warning("distill: %s is not a usable checkpoint (%s); starting over", self.checkpoint, e)
+            return False
+        if state.get("fingerprint") != self.fingerprint:
+            log.info("distill: %s belongs to other settings or data; starting over", self.checkpoint)
+            return False
+        self.method.load_state_dict(state["method"])
+        self.opt.load_state_dict(state["opt"])
+        for o, s in zip(self.extra_opts, state["extra_opts"], strict=True):
+            o.load_state_dict(s)
+        self.sched.load_state_dict(state["sched"])
+        self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
+        self.order, self.epoch_info, self.history = state["order"], state["epoch_info"], state["history"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.order_gen.set_state(rng["order"])
+        self.mix_gen.set_state(rng["mix"])
+        self.aug_gen.set_state(rng["aug"].to(self.aug_gen.get_state().device))
+        if rng["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"])
+        log.info("distill: resumed from %s at epoch %d step %d", self.checkpoint, self.epoch + 1, self.step)
+        return True
+
+    # ---------------------------------------------------------------------------- selection
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.rt.amp)
+
+    def _view(self, u8: torch.Tensor, augmented: bool) -> torch.Tensor:
+        if augmented:
+            a = self.augment
+            x = random_resized_crop(uint8_to_float(u8), a.size, a.scale, self.aug_gen, a.flip, a.ratio)
+            x = random_grayscale(x, a.grayscale, self.aug_gen)
+        else:
+            x = to_float(u8, self.augment.size, self.device)
+        if self.device.type == "cuda" and self.rt.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    @torch.no_grad()
+    def pool_logits(
+        self, model: Callable[[torch.Tensor], torch.Tensor], normalise: bool, augmented: bool
+    ) -> torch.Tensor:
+        """Logits of ``model`` for every training row (sharded across ranks, then gathered)."""
+        mine = torch.arange(self.rank, len(self.rows), self.world)
+        out = []
+        with self._autocast():
+            for _, _, u8 in self.pool.iterate(self.rows[mine], self.rt.eval_batch_size):
+                x = self._view(u8, augmented)
+                out.append(model(self.method.teacher.normalise(x) if normalise else x).float())
+        k = self.teacher_logits.shape[1]
+        local = torch.cat(out) if out else torch.zeros(0, k, device=self.device)
+        if self.world == 1:
+            return local.cpu()
+        width = (len(self.rows) + self.world - 1) // self.world
+        padded = torch.zeros(width, k, device=local.device)
+        padded[: len(local)] = local
+        parts = [torch.zeros_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        full = torch.zeros(len(self.rows), k)
+        for r, p in enumerate(parts):
+            idx = torch.arange(r, len(self.rows), self.world)
+            full[idx] = p[: len(idx)].cpu()
+        return full
+
+    def select(self) -> None:
+        """Choose this epoch's rows and shuffle them (same order on every rank)."""
+        t0 = time.time()
+        m, e, epochs = self.method, self.epoch, self.schedule.epochs
+        augmented = self.selection_view == "augmented"
+        teacher_logits = self.pool_logits(m.teacher, False, True) if augmented else self.teacher_logits
+        student_logits = None
+        if m.needs_student_logits(e):
+            m.student.eval()
+            student_logits = self.pool_logits(m.student, True, augmented)
+        mask, pred = m.select(e, epochs, teacher_logits, student_logits, self.queries[self.rows])
+        chosen = torch.nonzero(mask).flatten()
+        if len(chosen) < self.schedule.batch_size:  # guard: never less than one batch
+            conf = torch.softmax(teacher_logits, 1).max(1).values
+            chosen = conf.topk(min(self.schedule.batch_size, len(conf))).indices
+        self.order = chosen[torch.randperm(len(chosen), generator=self.order_gen)]
+        self.step = 0
+        frac = round(len(chosen) / max(len(self.rows), 1), 4)
+        info: dict[str, Any] = {"selected": len(chosen), "selected_fraction": frac,
+                                "selection_seconds": round(time.time() - t0, 2)}  # fmt: skip
+        if self.truth is not None:  # demo only: how clean the chosen subset is (training never reads it)
+            t = self.truth[chosen]
+            info["selection_precision"] = round(float((t == pred[chosen]).float().mean()), 4)
+            info["selected_junk_fraction"] = round(float((t < 0).float().mean()), 4)
+        self.epoch_info = info
+
+    # ---------------------------------------------------------------------------- training
+
+    def _batches(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(global batch size, this rank's pool rows, their uint8 images) from the current step on."""
+        assert self.order is not None
+        b = self.schedule.batch_size
+        steps = max(1, len(self.order) // b)  # drop the ragged tail (BN and equal shards need full batches)
+        globs = [self.order[s * b : (s + 1) * b] for s in range(self.step, steps)]
+        mine = [self.rows[g[self.rank :: self.world]] for g in globs]
+        for g, idx, u8 in zip(globs, mine, self.pool.stream(mine), strict=True):
+            yield len(g), idx, u8
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self._signal = signum
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([0 if self._signal is None else self._signal], dtype=torch.int64)
+        if self.world > 1:  # every rank stops at the same step
+            if self.device.type == "cuda":
+                flag = flag.to(self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) != 0
+
+    def fit(self) -> list[dict[str, Any]]:
+        old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while self.epoch < self.schedule.epochs:
+                self._run_epoch()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        return self.history
+
+    def _run_epoch(self) -> None:
+        if self.order is None or self.step == 0:
+            self.select()
+        self.method.train()
+        sums: dict[str, torch.Tensor] = {}
+        seen, skipped_run, skipped = 0, 0, self.epoch_info.get("skipped_steps", 0)
+        t0 = time.time()
+        for n_glob, idx, u8 in self._batches():
+            if self._stop_requested():
+                self.save()
+                signum = self._signal or signal.SIGTERM
+                raise TrainingInterrupted(int(signum))
+            x = self._view(u8, augmented=True)
+            with self._autocast():
+                terms = self.step_fn(x, self.mix_gen, self.queries[idx].to(self.device))
+            loss = terms["loss"]
+            if not bool(torch.isfinite(loss)):
+                skipped_run, skipped = skipped_run + 1, skipped + 1
+                msg = f"non-finite loss at epoch {self.epoch + 1} step {self.step + 1}"
+                if self.rt.nan_policy == "abort" or skipped_run > self.rt.max_skipped:
+                    raise NonFiniteLoss(msg + " (no step taken; the last checkpoint is intact)")
+                log.warning("%s: step skipped", msg)
+                self.step += 1
+                continue
+            skipped_run = 0
+            for o in [self.opt, *self.extra_opts]:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            for o in [self.opt, *self.extra_opts]:
+                o.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v.detach().float() * len(idx)
+            seen += n_glob
+            self.step += 1
+            self.global_step += 1
+        seconds = time.time() - t0
+        self.sched.step()
+        row: dict[str, Any] = {
+            "epoch": self.epoch + 1,
+            "lr": round(self.schedule.lr * self.schedule.lr_factor(self.epoch), 6),
+        }
+        for k, v in sums.items():
+            total = v.clone()
+            if self.world > 1:
+                dist.all_reduce(total)
+            row[k] = round(float(total) / max(seen, 1), 6)
+        row.update(self.epoch_info)
+        row["skipped_steps"] = skipped
+        row["train_seconds"] = round(seconds, 2)
+        row["images_per_second"] = round(seen / max(seconds, 1e-9), 1)
+        if self.evaluate is not None and self.rank == 0:
+            self.method.student.eval()
+            row.update(self.evaluate(self.method.student))
+        self.history.append(row)
+        self.epoch += 1
+        self.order, self.step, self.epoch_info = None, 0, {}
+        self.save()
+        if self.on_epoch is not None and self.rank == 0:
+            self.on_epoch(row)
+        log.info("distill: %s", " ".join(f"{k} {v}" for k, v in row.items()))
+
+
+def settings_dict(*objs: Any) -> dict[str, Any]:
+    """Plain dict of the dataclass settings, for fingerprints and reports."""
+    out: dict[str, Any] = {}
+    for o in objs:
+        d = asdict(o)
+        out.update({k: (str(v) if isinstance(v, torch.device) else v) for k, v in d.items()})
+    return out

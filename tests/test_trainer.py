@@ -1,0 +1,250 @@
+"""The distillation trainer: augmentation, methods, resume, signals, NaN guard, checkpoint faults (F4-F7, F9, F12)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from distill.baselines import DFNDMethod, KDMethod
+from distill.data import ImagePool, fashion_mnist_rgb32, holdout_mask, random_resized_crop
+from distill.kd3 import KD3Method
+from distill.models import build_model
+from distill.teacher import Teacher
+from distill.trainer import Augment, Method, NonFiniteLoss, Runtime, Schedule, Trainer, TrainingInterrupted
+
+from conftest import synthetic_items
+
+MEAN, STD = [0.3] * 3, [0.35] * 3
+
+
+@pytest.fixture(scope="module")
+def pool_and_teacher() -> tuple[np.ndarray, Teacher]:
+    images, _ = synthetic_items(24, 3)
+    torch.manual_seed(0)
+    return fashion_mnist_rgb32(images), Teacher(build_model("resnet8", 3), MEAN, STD)
+
+
+def teacher_logits(teacher: Teacher, images: np.ndarray) -> torch.Tensor:
+    with torch.no_grad():
+        return teacher(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+
+
+def make_trainer(pool_and_teacher: Any, method_name: str = "kd3", epochs: int = 3, checkpoint: Path | None = None,
+                 seed: int = 0, **rt: Any) -> Trainer:  # fmt: skip
+    images, teacher = pool_and_teacher
+    torch.manual_seed(seed)
+    student = build_model("resnet8", 3)
+    method: Method
+    if method_name == "kd3":
+        method = KD3Method(teacher, student, input_size=32)
+    elif method_name == "kd":
+        method = KDMethod(teacher, student)
+    else:
+        method = DFNDMethod(teacher, student, 3, keep=0.5)
+    return Trainer(
+        method, ImagePool(images, torch.device("cpu")), teacher_logits(teacher, images),
+        schedule=Schedule(epochs=epochs, batch_size=16, lr=0.05), augment=Augment(size=32),
+        runtime=Runtime(**rt), seed=seed, checkpoint=checkpoint, fingerprint="test",
+    )  # fmt: skip
+
+
+def weights(t: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in t.method.state_dict().items()}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------ augmentation
+
+
+def test_full_crop_without_flip_is_a_plain_resize() -> None:
+    x = torch.rand(3, 3, 48, 48)
+    y = random_resized_crop(x, 32, (1.0, 1.0), torch.Generator().manual_seed(0), flip=False, ratio=(1.0, 1.0))
+    ref = torch.nn.functional.interpolate(x, size=32, mode="bilinear", align_corners=False)
+    assert torch.allclose(y, ref, atol=1e-5)
+
+
+def test_crops_are_seeded_in_range_and_flip_mirrors() -> None:
+    x = torch.rand(64, 3, 40, 40)
+    a = random_resized_crop(x, 32, (0.3, 1.0), torch.Generator().manual_seed(1))
+    b = random_resized_crop(x, 32, (0.3, 1.0), torch.Generator().manual_seed(1))
+    assert a.shape == (64, 3, 32, 32) and torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
+    g = torch.Generator().manual_seed(2)
+    unflipped = random_resized_crop(x, 32, (1.0, 1.0), g, flip=False, ratio=(1.0, 1.0))
+    flips = [torch.allclose(random_resized_crop(x[i : i + 1], 32, (1.0, 1.0), torch.Generator().manual_seed(i),
+                                                ratio=(1.0, 1.0)), unflipped[i : i + 1].flip(-1), atol=1e-5)
+             for i in range(16)]  # fmt: skip
+    assert 2 <= sum(flips) <= 14  # about half the images are mirrored
+
+
+def test_streaming_pool_yields_the_same_batches_as_the_resident_one(tmp_path: Path) -> None:
+    images = np.random.default_rng(0).integers(0, 255, (50, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", images)
+    mm = np.load(tmp_path / "a.npy", mmap_mode="r")
+    resident = ImagePool(images, torch.device("cpu"))
+    streaming = ImagePool(mm, torch.device("cpu"))
+    streaming.data = None  # force the memmap + prefetch-thread path the GPU uses for large pools
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(0))
+    for (i, ia, a), (j, ib, b) in zip(resident.iterate(order, 16), streaming.iterate(order, 16), strict=True):
+        assert i == j and torch.equal(ia, ib)
+        assert torch.equal(a, torch.from_numpy(images[ia.numpy()]))
+        assert sorted(map(bytes, b.numpy())) == sorted(map(bytes, a.numpy()))  # same rows, read in sorted order
+
+
+def test_holdout_is_decided_by_content_hash() -> None:
+    keys = [f"{i:064x}" for i in range(0, 2**32, 2**24)]  # leading 8 hex digits spread over [0, 2^32)
+    keys = [k[-8:] + k[:-8] for k in keys]
+    mask = holdout_mask(keys, 0.25)
+    assert mask.sum() == 64 and holdout_mask(keys, 0.25).tolist() == mask.tolist()
+
+
+# ------------------------------------------------------------------------------------ methods
+
+
+def test_kd3_trains_with_named_terms_and_selects_per_epoch(pool_and_teacher: Any) -> None:
+    t = make_trainer(pool_and_teacher, "kd3", epochs=2)
+    before = weights(t)
+    history = t.fit()
+    assert [r["epoch"] for r in history] == [1, 2]
+    for r in history:
+        assert {"loss", "feature_align", "instance_align", "selected", "images_per_second"} <= r.keys()
+        assert np.isfinite(r["loss"]) and 16 <= r["selected"] <= 72
+    after = t.method.state_dict()
+    assert not torch.equal(before["student.backbone.conv1.weight"], after["student.backbone.conv1.weight"])
+    assert torch.equal(before["student.classifier.weight"], after["student.classifier.weight"])  # shared, frozen
+    assert same({k: v for k, v in before.items() if k.startswith("teacher.")},
+                {k: v for k, v in after.items() if k.startswith("teacher.")})  # fmt: skip
+
+
+def test_dfnd_keeps_the_most_confident_fraction_and_learns_q(pool_and_teacher: Any) -> None:
+    t = make_trainer(pool_and_teacher, "dfnd", epochs=1)
+    mask, _ = t.method.select(0, 1, t.teacher_logits, None)
+    conf = torch.softmax(t.teacher_logits, 1).max(1).values
+    assert mask.sum() == 36 and conf[mask].min() >= conf[~mask].max()
+    theta0 = t.method.theta.detach().clone()
+    row = t.fit()[0]
+    assert {"kd", "noise_adapt"} <= row.keys() and row["selected"] == 36
+    assert not torch.equal(theta0, t.method.theta.detach())  # Adam on θ
+
+
+def test_kd_trains_on_every_image(pool_and_teacher: Any) -> None:
+    row = make_trainer(pool_and_teacher, "kd", epochs=1).fit()[0]
+    assert row["selected"] == 72 and row["kd"] > 0
+
+
+# ------------------------------------------------------------------------------------ resume and faults
+
+
+def test_resume_at_an_epoch_boundary_is_bitwise_identical(pool_and_teacher: Any, tmp_path: Path) -> None:
+    full = make_trainer(pool_and_teacher, epochs=3)
+    full.fit()
+    ckpt = tmp_path / "ckpt.pt"
+    first = make_trainer(pool_and_teacher, epochs=3, checkpoint=ckpt)
+    first._run_epoch()  # one epoch, checkpoint written; then the process "dies"
+    del first
+    resumed = make_trainer(pool_and_teacher, epochs=3, checkpoint=ckpt)
+    assert resumed.resumed and resumed.epoch == 1
+    resumed.fit()
+    assert same(weights(full), weights(resumed))
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_mid_epoch_checkpoints_at_the_step_boundary_then_resumes(
+    pool_and_teacher: Any, tmp_path: Path, signum: int
+) -> None:  # F6, F7
+    full = make_trainer(pool_and_teacher, "kd", epochs=2)  # kd: every image, 4 steps per epoch
+    full.fit()
+    ckpt = tmp_path / "ckpt.pt"
+    t = make_trainer(pool_and_teacher, "kd", epochs=2, checkpoint=ckpt)
+    calls = {"n": 0}
+    forward = t.method.forward
+
+    def forward_then_signal(*a: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 6:  # epoch 2, step 2
+            os.kill(os.getpid(), signum)
+        return forward(*a)
+
+    t.step_fn = forward_then_signal  # type: ignore[assignment]
+    with pytest.raises(TrainingInterrupted) as info:
+        t.fit()
+    assert info.value.signum == signum
+    state = torch.load(ckpt, weights_only=True)
+    assert (state["epoch"], state["step"], state["global_step"]) == (1, 2, 6)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    resumed = make_trainer(pool_and_teacher, "kd", epochs=2, checkpoint=ckpt)
+    assert (resumed.epoch, resumed.step) == (1, 2)
+    resumed.fit()
+    assert resumed.global_step == full.global_step
+    assert same(weights(full), weights(resumed))
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(
+    pool_and_teacher: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # F5, F9
+    ckpt = tmp_path / "ckpt.pt"
+    t = make_trainer(pool_and_teacher, epochs=2, checkpoint=ckpt)
+    t._run_epoch()
+    good = ckpt.read_bytes()
+    real_save = torch.save
+
+    def half_then_enospc(obj: Any, f: Any, *a: Any, **k: Any) -> None:
+        real_save(obj, f, *a, **k)
+        f.truncate(len(good) // 2)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", half_then_enospc)
+    with pytest.raises(OSError, match="No space"):
+        t._run_epoch()
+    monkeypatch.undo()
+    assert ckpt.read_bytes() == good and not list(tmp_path.glob("*.tmp"))
+    resumed = make_trainer(pool_and_teacher, epochs=2, checkpoint=ckpt)
+    assert resumed.resumed and resumed.epoch == 1
+
+
+def test_a_foreign_checkpoint_or_other_settings_start_over(pool_and_teacher: Any, tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(b"PK\x03\x04 torn zip")
+    assert not make_trainer(pool_and_teacher, epochs=1, checkpoint=ckpt).resumed
+    t = make_trainer(pool_and_teacher, epochs=1, checkpoint=ckpt)
+    t.fit()
+    other = make_trainer(pool_and_teacher, epochs=1, checkpoint=ckpt)
+    other.fingerprint = "other"
+    assert other._resume() is False
+
+
+@pytest.mark.parametrize("policy", ["abort", "skip"])
+def test_non_finite_loss_is_caught_before_the_step(pool_and_teacher: Any, tmp_path: Path, policy: str) -> None:  # F12
+    ckpt = tmp_path / "ckpt.pt"
+    t = make_trainer(pool_and_teacher, "kd", epochs=2, checkpoint=ckpt, nan_policy=policy)
+    t._run_epoch()
+    forward = t.method.forward
+    calls = {"n": 0}
+
+    def nan_at_step_2(*a: Any) -> dict[str, torch.Tensor]:
+        calls["n"] += 1
+        out = forward(*a)
+        if calls["n"] == 2:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    t.step_fn = nan_at_step_2  # type: ignore[assignment]
+    if policy == "abort":
+        with pytest.raises(NonFiniteLoss, match="epoch 2 step 2"):
+            t._run_epoch()
+        state = torch.load(ckpt, weights_only=True)
+        assert state["epoch"] == 1
+    else:
+        t._run_epoch()
+        assert t.history[-1]["skipped_steps"] == 1
+    assert all(torch.isfinite(v).all() for v in t.method.state_dict().values() if v.is_floating_point())
