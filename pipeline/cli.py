@@ -19,6 +19,7 @@ from pipeline.config import (
     CleanConfig,
     ConfigError,
     CrawlConfig,
+    DistillConfig,
     EvaluateConfig,
     LabelConfig,
     TeacherConfig,
@@ -62,10 +63,14 @@ def _guarded(fn: Callable[[], T]) -> T:
         return fn()
     except (ConfigError, ClassFileError) as e:
         _fail(2, str(e))
-    except Terminated:
-        typer.secho("terminated (SIGTERM): completed work is kept; rerun to resume", err=True)
-        raise typer.Exit(143) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", None)  # distill.trainer.TrainingInterrupted
+        if signum is not None:
+            typer.secho(f"interrupted ({e}): checkpoint saved; rerun to resume", err=True)
+            raise typer.Exit(128 + signum) from None
+        if isinstance(e, Terminated):
+            typer.secho("terminated (SIGTERM): completed work is kept; rerun to resume", err=True)
+            raise typer.Exit(143) from None
         typer.secho("interrupted: completed work is kept; rerun to resume", err=True)
         raise typer.Exit(130) from None
     except (
@@ -77,6 +82,7 @@ def _guarded(fn: Callable[[], T]) -> T:
         PermissionError,
         ValueError,
         OSError,
+        RuntimeError,
     ) as e:  # fmt: skip  (TeacherError, FeatureAccessError are ValueErrors)
         _fail(1, str(e))
     raise AssertionError("unreachable")
@@ -164,6 +170,21 @@ def label(params: ParamsOpt = Path("params.yaml")) -> None:
     from pipeline import label_stage
 
     _guarded(lambda: label_stage.run(load_section(params, "label", LabelConfig)))
+
+
+@app.command()
+def distill(
+    params: ParamsOpt = Path("params.yaml"),
+    method: Annotated[str | None, typer.Option(help="kd3, kd or dfnd (overrides distill.method)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="overrides distill.epochs")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (overrides distill.device)")] = None,
+) -> None:
+    """Train the student on the clean web pool (KD3 by default); resumable; torchrun for multi-GPU."""
+    _setup_logging()
+    from pipeline import distill_stage
+
+    overrides = {"method": method, "epochs": epochs, "device": device}
+    _guarded(lambda: distill_stage.run(load_section(params, "distill", DistillConfig, overrides)))
 
 
 @app.command()

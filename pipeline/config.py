@@ -248,6 +248,87 @@ class EvaluateConfig:
     batch_size: int = opt(512, 1, 65536)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out_dir: str = "metrics"
+    student_dir: str | None = None  # the distill stage's out_dir: score the exported student too
+
+
+@dataclass(frozen=True)
+class KD3Options:
+    """``distill.kd3:`` — KD³'s components (KD3_SPEC.md); each switch is an ablation."""
+
+    selection: bool = True  # per-epoch dynamic instance selection (off: every image, every epoch)
+    shared_classifier: bool = True  # reuse the teacher's frozen classifier (off: own classifier + KD, T=4)
+    feature_weighting: bool = True  # sigmoid(‖o_S − o_T‖) sample weights (off: plain MSE)
+    mixdistribution: bool = True  # MixDistribution + NT-Xent instance alignment (off: no second view)
+    tau: float = opt(0.95, 0, 1)  # selection confidence threshold
+    adaptive_thresholds: bool = True  # class-adaptive τ·β/(2−β) (off: τ for every class)
+    selection_view: Literal["clean", "augmented"] = "clean"  # clean: cached teacher logits, half the cost
+    feature_weight: float = opt(1.0, 0)  # weight of the feature alignment term
+    mix_weight: float = opt(0.001, 0)  # λ_mix
+    temperature: float = opt(0.3, 0, lo_open=True)  # NT-Xent temperature
+    kd_weight: float = opt(0.0, 0)  # ours, off in the paper: Hinton KD (T=4) on the shared-classifier logits
+    query_prior: float = opt(0.0, 0, 0.999)  # ours: ρ, the crawl query as a prior on the label (0: off)
+
+
+@dataclass(frozen=True)
+class KDOptions:
+    temperature: float = opt(4.0, 0, lo_open=True)
+    query_prior: float = opt(0.0, 0, 0.999)  # ours: ρ, the crawl query as a prior on the KD target (0: off)
+
+
+@dataclass(frozen=True)
+class DFNDOptions:
+    keep: float = opt(0.47, 0, 1, lo_open=True)  # fraction of the pool kept by teacher confidence (600k/1.28M)
+    accuracy: float = opt(0.9, 0, 1)  # the teacher's assumed accuracy on its own data: diag of Q
+    theta_lr: float = opt(1e-3, 0, lo_open=True)  # Adam lr for Q's off-diagonal logits
+    temperature: float = opt(4.0, 0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class DistillEval:
+    """The per-epoch validation curve (never the reported test split)."""
+
+    eval_dir: str | None = None  # a labelled image folder by class name
+    fashion_mnist: str | None = None  # demo: Fashion-MNIST test[first:last]
+    first: int = opt(0, 0)
+    last: int | None = opt(2000, 1)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """``distill:`` — the student, the method (kd3, kd, dfnd), the schedule and the runtime."""
+
+    clean_dir: str = "data/clean"
+    label_dir: str = "data/label"
+    teacher_dir: str = "data/teacher"
+    out_dir: str = "data/distill"
+    metrics_dir: str = "metrics"
+    method: Literal["kd3", "kd", "dfnd"] = "kd3"
+    student: str = "resnet8"  # registry or torchvision name
+    epochs: int = opt(30, 1, 100000)
+    batch_size: int = opt(128, 2, 65536)
+    lr: float = opt(0.05, 0, 10, lo_open=True)
+    momentum: float = opt(0.9, 0, 1)
+    weight_decay: float = opt(5e-4, 0, 1)
+    lr_schedule: Literal["step", "cosine"] = "step"
+    milestones: list[float] = opt([0.625, 0.75, 0.875], 0, 1)  # fractions of epochs (step schedule)
+    warmup_epochs: int = opt(0, 0)
+    crop_scale: list[float] = opt([0.35, 1.0], 0, 1, lo_open=True)  # RandomResizedCrop area fraction
+    crop_ratio: list[float] = opt([0.75, 1.3333], 0.1, 10)  # ... and aspect ratio range
+    flip: bool = True
+    grayscale: float = opt(0.0, 0, 1)  # probability of training on an image's luma (colour invariance)
+    holdout: float = opt(0.05, 0, 0.5)  # web images never trained on (teacher-student agreement)
+    seed: int = opt(0, 0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True  # bf16 autocast on CUDA
+    channels_last: bool = True  # on CUDA
+    compile: bool = False  # torch.compile (benchmarks/train_speed.py measures it)
+    gpu_memory_budget_mb: int = opt(4096, 0)  # a larger pool streams from host memory
+    nan_policy: Literal["abort", "skip"] = "abort"
+    truth: str | None = None  # demo only: the world's truth, for selection precision (never trained on)
+    eval: DistillEval = field(default_factory=DistillEval)
+    kd3: KD3Options = field(default_factory=KD3Options)
+    kd: KDOptions = field(default_factory=KDOptions)
+    dfnd: DFNDOptions = field(default_factory=DFNDOptions)
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,3 +586,18 @@ def _evaluate_validate(self: EvaluateConfig, where: str) -> None:
 
 TeacherConfig.validate = _teacher_validate  # type: ignore[attr-defined]
 EvaluateConfig.validate = _evaluate_validate  # type: ignore[attr-defined]
+
+
+def _distill_validate(self: DistillConfig, where: str) -> None:
+    lo, hi = (self.crop_scale + [0, 0])[:2]
+    if len(self.crop_scale) != 2 or lo > hi:
+        raise ConfigError(f"{where}.crop_scale: need [min, max] with min <= max, got {self.crop_scale}")
+    if len(self.crop_ratio) != 2 or self.crop_ratio[0] > self.crop_ratio[1]:
+        raise ConfigError(f"{where}.crop_ratio: need [min, max] with min <= max, got {self.crop_ratio}")
+    if self.eval.last is not None and self.eval.last <= self.eval.first:
+        raise ConfigError(f"{where}.eval.last: must be greater than first ({self.eval.first})")
+    if self.warmup_epochs >= self.epochs:
+        raise ConfigError(f"{where}.warmup_epochs: must be less than epochs ({self.epochs})")
+
+
+DistillConfig.validate = _distill_validate  # type: ignore[attr-defined]

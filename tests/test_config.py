@@ -11,6 +11,7 @@ from pipeline.config import (
     CleanConfig,
     ConfigError,
     CrawlConfig,
+    DistillConfig,
     EvaluateConfig,
     LabelConfig,
     TeacherConfig,
@@ -32,7 +33,7 @@ def test_shipped_params_load_and_match_the_defaults_where_documented() -> None:
     crawl = load_section(REPO / "params.yaml", "crawl", CrawlConfig)
     assert load_section(REPO / "params.yaml", "clean", CleanConfig) == CleanConfig()  # the file states the defaults
     assert load_section(REPO / "params.yaml", "teacher", TeacherConfig) == TeacherConfig()
-    for name, cls in (("label", LabelConfig), ("evaluate", EvaluateConfig)):
+    for name, cls in (("label", LabelConfig), ("distill", DistillConfig), ("evaluate", EvaluateConfig)):
         load_section(REPO / "params.yaml", name, cls)
     world = load_section(REPO / "params.yaml", "world", WorldConfig)
     assert crawl.engines == ["mirror"] and crawl.per_class == 300
@@ -130,7 +131,7 @@ def test_config_is_frozen() -> None:
 def test_dvc_yaml_params_are_config_fields() -> None:
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     sections = {"world": WorldConfig, "crawl": CrawlConfig, "clean": CleanConfig, "teacher": TeacherConfig,
-                "label": LabelConfig, "evaluate": EvaluateConfig}  # fmt: skip
+                "label": LabelConfig, "distill": DistillConfig, "evaluate": EvaluateConfig}  # fmt: skip
     for name, stage in dvc["stages"].items():
         assert stage["cmd"] == f"kd3 {name}"
         for key in stage.get("params", []):

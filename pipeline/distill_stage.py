@@ -1,0 +1,205 @@
+"""Stage ``distill``: train the student on the clean web pool with KD³ (or the kd / dfnd baselines).
+
+Reads the packed images (``clean``), the teacher's logits on them (``label``, the clean-view
+logits selection uses) and the teacher record. Writes to ``distill.out_dir``: ``checkpoint.pt``
+(resume state, rewritten atomically every epoch and on SIGINT/SIGTERM), the exported student
+(``student.pt``, ``student.ts``, ``student.json``) and ``report.json``; to ``distill.metrics_dir``:
+``distill.json`` (summary for ``dvc metrics``) and ``distill_epochs.csv`` (per-epoch terms,
+selection, validation accuracy, speed, for ``dvc plots``).
+
+A rerun with the same settings and data resumes from the checkpoint; any change starts over.
+Under ``torchrun --nproc_per_node N`` each process trains a shard of every batch (DDP).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from distill.baselines import DFNDMethod, KDMethod
+from distill.data import ImagePool, holdout_mask, resolve_device
+from distill.export import export_student
+from distill.kd3 import KD3Method
+from distill.label import predict
+from distill.models import build_model
+from distill.teacher import Teacher
+from distill.trainer import Augment, Method, Runtime, Schedule, Trainer
+from pipeline.config import DistillConfig
+from pipeline.evaluate_stage import load_eval_set
+from pipeline.outputs import write_json
+from pipeline.teacher_stage import load_from_record
+
+log = logging.getLogger(__name__)
+
+
+def build_method(cfg: DistillConfig, teacher: Teacher, record: dict[str, Any]) -> Method:
+    k, size, chans = len(record["classes"]), record["input_size"], record["in_chans"]
+    student = build_model(cfg.student, k, chans)
+    if cfg.method == "kd":
+        return KDMethod(teacher, student, cfg.kd.temperature, cfg.kd.query_prior)
+    if cfg.method == "dfnd":
+        d = cfg.dfnd
+        return DFNDMethod(teacher, student, k, keep=d.keep, accuracy=d.accuracy, theta_lr=d.theta_lr,
+                          temperature=d.temperature)  # fmt: skip
+    o = cfg.kd3
+    return KD3Method(
+        teacher, student, input_size=size, in_chans=chans, selection=o.selection, shared_classifier=o.shared_classifier,
+        feature_weighting=o.feature_weighting, mixdistribution=o.mixdistribution, tau=o.tau,
+        adaptive_thresholds=o.adaptive_thresholds, mix_weight=o.mix_weight, temperature=o.temperature,
+        feature_weight=o.feature_weight, kd_weight=o.kd_weight, query_prior=o.query_prior,
+    )  # fmt: skip
+
+
+def read_truth(path: str, keys: list[str], classes: list[str]) -> np.ndarray:
+    """Demo only: the true class index of every pool row (-1 for junk), for selection precision."""
+    index = {c: k for k, c in enumerate(classes)}
+    truth: dict[str, int] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            t = json.loads(line)
+            if t.get("sha256"):
+                truth[t["sha256"]] = index.get(t["truth"], -1) if t["kind"] != "broken" else -1
+    return np.array([truth.get(k, -1) for k in keys], dtype=np.int64)
+
+
+def _fingerprint(cfg: DistillConfig, record: dict[str, Any], clean: Path, label: Path) -> str:
+    runtime_only = {"device", "out_dir", "metrics_dir", "truth", "eval", "nan_policy", "compile"}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in runtime_only}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    h.update(record["sha256"].encode())
+    for f in (clean / "kept.jsonl", label / "logits.npy"):
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _init_distributed(device_name: str) -> tuple[torch.device, bool]:
+    """``torchrun`` sets WORLD_SIZE/RANK/LOCAL_RANK: join the group (NCCL on CUDA, gloo on CPU)."""
+    device = resolve_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device, False
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, True
+
+
+def _write_epochs_csv(history: list[dict[str, Any]], path: Path) -> None:
+    cols: list[str] = []
+    for row in history:
+        cols += [k for k, v in row.items() if k not in cols and not isinstance(v, (dict, list))]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(history)
+    os.replace(tmp, path)
+
+
+def run(cfg: DistillConfig) -> dict[str, Any]:
+    device, own_group = _init_distributed(cfg.device)
+    try:
+        return _run(cfg, device)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _run(cfg: DistillConfig, device: torch.device) -> dict[str, Any]:
+    teacher, record = load_from_record(cfg.teacher_dir)
+    classes, size, chans = record["classes"], record["input_size"], record["in_chans"]
+    clean, label, out = Path(cfg.clean_dir), Path(cfg.label_dir), Path(cfg.out_dir)
+    for f in (clean / "images.npy", clean / "kept.jsonl", label / "logits.npy", label / "report.json"):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: missing (run kd3 clean and kd3 label first)")
+    if json.loads((label / "report.json").read_text()).get("teacher_sha256") != record["sha256"]:
+        raise ValueError(f"{label}: labelled by another teacher than {cfg.teacher_dir} (run kd3 label)")
+    images = np.load(clean / "images.npy", mmap_mode="r")
+    kept = [json.loads(line) for line in (clean / "kept.jsonl").read_text(encoding="utf-8").splitlines()]
+    keys = [k["sha256"] for k in kept]
+    # the class each image was crawled for (-1: found by several classes' queries, or unknown)
+    queries = np.array([k.get("class_index", -1) if len(k.get("classes", [])) <= 1 else -1 for k in kept])
+    logits = np.load(label / "logits.npy").astype(np.float32)
+    if not len(images) == len(keys) == len(logits):
+        raise ValueError(f"{clean}, {label}: {len(images)} images, {len(keys)} kept lines, {len(logits)} logit rows")
+    held = holdout_mask(keys, cfg.holdout)
+    if (~held).sum() < cfg.batch_size:
+        raise ValueError(f"{clean}: {int((~held).sum())} training images, fewer than one batch ({cfg.batch_size})")
+    truth = read_truth(cfg.truth, keys, classes) if cfg.truth else None
+    teacher.to(device)
+
+    evaluate = None
+    e = cfg.eval
+    if e.eval_dir or e.fashion_mnist:
+        val_x, val_y, _, _ = load_eval_set(e.eval_dir, e.fashion_mnist, e.first, e.last, classes, size)
+
+        def evaluate(student: torch.nn.Module) -> dict[str, float]:
+            pred = predict(lambda x: student(teacher.normalise(x)), val_x, input_size=size, in_chans=chans,
+                           batch_size=512, device=device).argmax(1)  # fmt: skip
+            return {"val_accuracy": round(float((pred == val_y).mean()), 4)}
+
+    torch.manual_seed(cfg.seed)  # the student's initial weights
+    method = build_method(cfg, teacher, record)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_dir = Path(cfg.metrics_dir)
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(
+        method, ImagePool(images, device, cfg.gpu_memory_budget_mb << 20), torch.from_numpy(logits),
+        schedule=Schedule(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay, lr_schedule=cfg.lr_schedule,
+                          milestones=tuple(cfg.milestones), warmup_epochs=cfg.warmup_epochs),
+        augment=Augment(size=size, scale=(cfg.crop_scale[0], cfg.crop_scale[1]),
+                        ratio=(cfg.crop_ratio[0], cfg.crop_ratio[1]), flip=cfg.flip, grayscale=cfg.grayscale),
+        runtime=Runtime(device=device, amp=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile,
+                        nan_policy=cfg.nan_policy),
+        seed=cfg.seed, train_rows=~held, checkpoint=out / "checkpoint.pt",
+        fingerprint=_fingerprint(cfg, record, clean, label), selection_view=cfg.kd3.selection_view,
+        evaluate=evaluate, truth=truth, queries=queries,
+        on_epoch=lambda row: _write_epochs_csv(trainer.history, metrics_dir / "distill_epochs.csv"),
+    )  # fmt: skip
+    describe = getattr(method, "describe", lambda: method.name)()
+    print(f"distill: {cfg.method} {cfg.student} <- {record.get('arch') or 'teacher'}, {int((~held).sum())} "
+          f"training images ({int(held.sum())} held out), {cfg.epochs} epochs on {device}"
+          + (f", resuming at epoch {trainer.epoch + 1}" if trainer.resumed else "") + f"\n  {describe}",
+          file=sys.stderr)  # fmt: skip
+    history = trainer.fit()
+    if trainer.rank != 0:
+        return {}
+    meta = {"method": cfg.method, "student": cfg.student, "classes": classes, "input_size": size, "in_chans": chans,
+            "mean": record["mean"], "std": record["std"], "input": "float RGB in [0, 1], (B, C, S, S)",
+            "teacher_sha256": record["sha256"], "holdout": cfg.holdout, "clean_dir": cfg.clean_dir}  # fmt: skip
+    export = export_student(method.student, out, meta)
+    last = history[-1]
+    summary = {
+        "method": cfg.method,
+        "student": cfg.student,
+        "epochs": cfg.epochs,
+        "train_images": int((~held).sum()),
+        "final_selected": last.get("selected"),
+        "final_loss": last.get("loss"),
+        "val_accuracy_last": last.get("val_accuracy"),
+        "val_accuracy_best": max((r["val_accuracy"] for r in history if "val_accuracy" in r), default=None),
+        "train_seconds": round(sum(r["train_seconds"] + r.get("selection_seconds", 0) for r in history), 1),
+        "images_per_second": round(float(np.mean([r["images_per_second"] for r in history])), 1),
+        "device": str(device),
+        "world_size": trainer.world,
+    }
+    write_json(metrics_dir / "distill.json", summary)
+    write_json(out / "report.json", {**summary, "describe": describe, "history": history, "export": export})
+    _write_epochs_csv(history, metrics_dir / "distill_epochs.csv")
+    va = summary["val_accuracy_last"]
+    val = f", validation accuracy {va:.4f}" if va is not None else ""
+    print(f"distill: done in {summary['train_seconds']} s{val}; student exported to {out / 'student.ts'}",
+          file=sys.stderr)  # fmt: skip
+    return summary

@@ -1,0 +1,183 @@
+"""The distill stage through the CLI: export, evaluate with the student, kill -9 and resume, signals, DDP.
+
+(RELIABILITY.md F4, F6, F7.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from distill.data import fashion_mnist_rgb32
+from distill.export import load_exported
+from distill.models import build_model
+from distill.supervised import train_classifier
+from pipeline import label_stage, teacher_stage
+from pipeline.cli import app
+from pipeline.config import LabelConfig, TeacherConfig
+
+from conftest import REPO, TINY_CLASSES, synthetic_items
+
+runner = CliRunner()
+KD3 = [sys.executable, "-m", "pipeline.cli"]
+
+
+@pytest.fixture(scope="module")
+def stage_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A teacher record, a packed pool of 96 images and its labels, and an eval folder (built once)."""
+    root = tmp_path_factory.mktemp("distill")
+    (root / "classes.txt").write_text("\n".join(TINY_CLASSES) + "\n")
+    images, labels = synthetic_items(32, 3)
+    pool = fashion_mnist_rgb32(images)
+    torch.manual_seed(0)
+    teacher = build_model("resnet8", 3)
+    cfg = TeacherConfig(checkpoint=str(root / "teacher.pt"), classes=str(root / "classes.txt"),
+                        out_dir=str(root / "teacher"), device="cpu")  # fmt: skip
+    train_classifier(teacher, pool, labels, mean=cfg.mean, std=cfg.std, input_size=32, epochs=3, batch_size=32,
+                     lr=0.05, weight_decay=0.0, seed=0, device=torch.device("cpu"))  # fmt: skip
+    torch.save(teacher.state_dict(), root / "teacher.pt")
+    teacher_stage.run(cfg)
+    (root / "clean").mkdir()
+    np.save(root / "clean" / "images.npy", pool)
+    keys = [hashlib.sha256(im.tobytes() + bytes([i])).hexdigest() for i, im in enumerate(pool)]
+    (root / "clean" / "kept.jsonl").write_text("".join(json.dumps({"sha256": k}) + "\n" for k in keys))
+    label_stage.run(LabelConfig(clean_dir=str(root / "clean"), teacher_dir=str(root / "teacher"),
+                                out_dir=str(root / "label"), device="cpu"))  # fmt: skip
+    for k, name in enumerate(TINY_CLASSES):
+        d = root / "eval" / name.replace("/", "_")
+        d.mkdir(parents=True)
+        for i in np.flatnonzero(labels == k)[:4]:
+            Image.fromarray(pool[i]).save(d / f"{i}.png")
+    return root
+
+
+def write_params(root: Path, work: Path, epochs: int = 2, **distill: object) -> Path:
+    extra = "".join(f", {k}: {json.dumps(v)}" for k, v in distill.items())
+    p = work / "params.yaml"
+    p.write_text(f"""
+distill: {{clean_dir: {root}/clean, label_dir: {root}/label, teacher_dir: {root}/teacher, out_dir: {work}/distill,
+           metrics_dir: {work}/metrics, student: resnet8, epochs: {epochs}, batch_size: 16, device: cpu,
+           holdout: 0.1, eval: {{eval_dir: {root}/eval, last: null}}{extra}}}
+evaluate: {{teacher_dir: {root}/teacher, eval_dir: {root}/eval, out_dir: {work}/metrics, device: cpu,
+           student_dir: {work}/distill}}
+""")
+    return p
+
+
+def test_distill_exports_a_student_that_evaluate_scores(stage_inputs: Path, tmp_path: Path) -> None:
+    params = str(write_params(stage_inputs, tmp_path))
+    result = runner.invoke(app, ["distill", "--params", params])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "distill"
+    model, meta = load_exported(out)
+    assert meta["classes"] == TINY_CLASSES and meta["input_size"] == 32 and meta["method"] == "kd3"
+    weights = torch.load(out / "student.pt", weights_only=True)
+    assert not any(k.startswith("student.head") for k in weights)  # the contrastive head is training-only
+    x = torch.rand(2, 3, 32, 32)
+    assert model(x).shape == (2, 3)
+    rows = (tmp_path / "metrics" / "distill_epochs.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,") and "feature_align" in rows[0] and "val_accuracy" in rows[0] and len(rows) == 3
+    summary = json.loads((tmp_path / "metrics" / "distill.json").read_text())
+    assert summary["epochs"] == 2 and summary["train_images"] + round(0.1 * 96) >= 80
+    result = runner.invoke(app, ["evaluate", "--params", params])
+    assert result.exit_code == 0, result.output
+    student = json.loads((tmp_path / "metrics" / "student.json").read_text())
+    assert 0 <= student["student_accuracy"] <= 1 and 0 <= student["agreement_eval"] <= 1
+    assert student["heldout_web_images"] > 0 and 0 <= student["agreement_heldout_web"] <= 1
+    assert (tmp_path / "metrics" / "student_confusion.png").is_file()
+
+
+@pytest.mark.parametrize("method", ["kd", "dfnd"])
+def test_baselines_run_through_the_same_stage(stage_inputs: Path, tmp_path: Path, method: str) -> None:
+    params = str(write_params(stage_inputs, tmp_path, epochs=1))
+    result = runner.invoke(app, ["distill", "--params", params, "--method", method])
+    assert result.exit_code == 0, result.output
+    assert load_exported(tmp_path / "distill")[1]["method"] == method
+
+
+def test_bad_distill_params_name_the_key(stage_inputs: Path, tmp_path: Path) -> None:
+    params = str(write_params(stage_inputs, tmp_path, methd="kd"))
+    result = runner.invoke(app, ["distill", "--params", params])
+    assert result.exit_code == 2 and "distill.methd: unknown key" in result.output
+    params = str(write_params(stage_inputs, tmp_path, crop_scale=[0.9, 0.2]))
+    result = runner.invoke(app, ["distill", "--params", params])
+    assert result.exit_code == 2 and "distill.crop_scale" in result.output
+
+
+def _run_until(cmd: list[str], cwd: Path, ckpt: Path, timeout: float = 120) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert ckpt.exists(), proc.communicate()[0].decode()[-2000:]
+    return proc
+
+
+def test_kill9_mid_run_then_rerun_resumes_and_finishes(stage_inputs: Path, tmp_path: Path) -> None:  # F4
+    params = write_params(stage_inputs, tmp_path, epochs=6)
+    ckpt = tmp_path / "distill" / "checkpoint.pt"
+    proc = _run_until([*KD3, "distill", "--params", str(params)], REPO, ckpt)
+    proc.kill()  # kill -9 right after the first checkpoint
+    proc.communicate()
+    done = torch.load(ckpt, weights_only=True)["epoch"]
+    assert 1 <= done < 6
+    result = subprocess.run([*KD3, "distill", "--params", str(params)], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"resuming at epoch {done + 1}" in result.stderr
+    history = json.loads((tmp_path / "distill" / "report.json").read_text())["history"]
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signals_exit_non_zero_with_a_checkpoint(stage_inputs: Path, tmp_path: Path, signum: int, code: int) -> None:
+    params = write_params(stage_inputs, tmp_path, epochs=50)
+    ckpt = tmp_path / "distill" / "checkpoint.pt"
+    proc = _run_until([*KD3, "distill", "--params", str(params)], REPO, ckpt)
+    proc.send_signal(signum)
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == code, out[-2000:]
+    assert "checkpoint saved; rerun to resume" in out
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] < 50 and not (tmp_path / "distill" / "student.json").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(stage_inputs: Path, tmp_path: Path) -> None:
+    """DDP on CPU (gloo): two processes, each half of every batch, end close to one process."""
+    results = {}
+    torch.manual_seed(0)  # the students' initial weights, as the stage seeds them
+    first_weights = {f"student.{k}": v for k, v in build_model("resnet8", 3).state_dict().items()}
+    for n in (1, 2):
+        work = tmp_path / f"n{n}"
+        work.mkdir()
+        params = write_params(stage_inputs, work, epochs=3, method="kd", lr=0.2, batch_size=48, holdout=0.0, flip=False,
+                              crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0])  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={n}", "-m",
+               "pipeline.cli", "distill", "--params", str(params)]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads((work / "distill" / "report.json").read_text())
+        assert report["world_size"] == n
+        results[n] = (report["history"], torch.load(work / "distill" / "student.pt", weights_only=True))
+    (h1, w1), (h2, w2) = results[1], results[2]
+    assert [r["selected"] for r in h1] == [r["selected"] for r in h2]
+    for a, b in zip(h1, h2, strict=True):  # per-rank BN statistics and crops differ, so: close, not equal
+        assert abs(a["loss"] - b["loss"]) <= 0.25 * abs(a["loss"]) + 1e-3
+    for k, w0 in first_weights.items():  # what DDP changes is small next to what training changed
+        if w0.ndim > 1:  # (BatchNorm sees 24 images per process instead of 48: not bitwise)
+            moved, apart = float((w1[k] - w0).norm()), float((w1[k] - w2[k]).norm())
+            assert apart < 0.4 * moved, (k, apart, moved)
