@@ -1,0 +1,204 @@
+"""Student accuracy on the demo world: teacher, upper reference, KD / DFND / KD³ on web data, ablations.
+
+Every row trains the same student with the same schedule and seeds through the real distill stage
+(``pipeline.distill_stage.run``) and scores the exported TorchScript student. Settings are chosen on
+the validation split (Fashion-MNIST test[0:2000]); the table reports the rest (test[2000:10000]).
+
+- ``teacher``: the demo teacher itself.
+- ``upper: KD on original data``: Hinton KD on Fashion-MNIST train[30000:60000] rendered as the
+  teacher's own distribution (never seen by the teacher; ``--quick`` uses as many images as the web
+  pool has, so only the distribution differs).
+- ``KD (web)``, ``DFND (web)``, ``KD³ faithful (web)``: the methods as KD3_SPEC.md describes them.
+- ``KD³ default``: ``params.yaml``'s ``distill:`` section as shipped (ours switched on where it helps).
+- ``KD + query prior``: plain KD whose target is the teacher's softened posterior times the crawl
+  query's prior (ours), to show how much of the default's gain that signal alone brings.
+- ``KD³ −X``: the faithful KD³ with one component off.
+
+Needs the demo's clean, label and teacher outputs (``make demo`` or ``dvc repro label``).
+
+    python benchmarks/accuracy.py --quick            # 2 cores, within 45 minutes
+    python benchmarks/accuracy.py --epochs 60 --seeds 0 1 2 3 4    # a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from crawl.world import load_fashion_mnist  # noqa: E402
+from distill.data import fashion_mnist_rgb32, resolve_device  # noqa: E402
+from distill.export import load_exported  # noqa: E402
+from distill.label import predict  # noqa: E402
+from pipeline import distill_stage  # noqa: E402
+from pipeline.config import DistillConfig, build, read_params  # noqa: E402
+from pipeline.teacher_stage import load_from_record  # noqa: E402
+
+FAITHFUL = {"kd3": {"kd_weight": 0.0, "query_prior": 0.0}}  # every switch of ours off
+
+# name -> overrides of the distill section (dotted keys); "default" is params.yaml as shipped
+VARIANTS: dict[str, dict[str, Any]] = {
+    "upper: KD on original data": {"method": "kd", "_original": True},
+    "KD (web)": {"method": "kd", "kd": {"query_prior": 0.0}},
+    "KD + query prior (web, ours)": {"method": "kd", "kd": {"query_prior": 0.7}},
+    "DFND (web)": {"method": "dfnd"},
+    "KD³ faithful (web)": {"method": "kd3", "kd3": FAITHFUL["kd3"]},
+    "KD³ default (web)": {},
+    "KD³ −selection": {"method": "kd3", "kd3": {**FAITHFUL["kd3"], "selection": False}},
+    "KD³ −shared classifier": {"method": "kd3", "kd3": {**FAITHFUL["kd3"], "shared_classifier": False}},
+    "KD³ −feature weighting": {"method": "kd3", "kd3": {**FAITHFUL["kd3"], "feature_weighting": False}},
+    "KD³ −MixDistribution": {"method": "kd3", "kd3": {**FAITHFUL["kd3"], "mixdistribution": False}},
+}
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out.get(k) or {}, v) if isinstance(v, dict) else v
+    return out
+
+
+def original_pool(work: Path, n: int | None, teacher_dir: str, device: torch.device) -> tuple[str, str]:
+    """A clean/label pair made of Fashion-MNIST train[30000:60000] in the teacher's own rendering."""
+    clean, label = work / "orig_clean", work / "orig_label"
+    teacher, record = load_from_record(teacher_dir)
+    if (label / "report.json").is_file() and json.loads((label / "report.json").read_text())["n"] == n:
+        return str(clean), str(label)
+    raw, _ = load_fashion_mnist(
+        record.get("demo", {}).get("settings", {}).get("source", "/usr/share/datasets/fashion-mnist"), "train"
+    )
+    images = fashion_mnist_rgb32(raw[30000 : 30000 + n if n else 60000])
+    clean.mkdir(parents=True, exist_ok=True)
+    label.mkdir(parents=True, exist_ok=True)
+    np.save(clean / "images.npy", images)
+    keys = [hashlib.sha256(im.tobytes() + i.to_bytes(4, "little")).hexdigest() for i, im in enumerate(images)]
+    (clean / "kept.jsonl").write_text("".join(json.dumps({"sha256": k}) + "\n" for k in keys))
+    teacher.to(device)
+    logits = predict(teacher, images, input_size=record["input_size"], in_chans=record["in_chans"], batch_size=512,
+                     device=device)  # fmt: skip
+    np.save(label / "logits.npy", logits.astype(np.float16))
+    (label / "report.json").write_text(json.dumps({"teacher_sha256": record["sha256"], "n": n}))
+    return str(clean), str(label)
+
+
+def accuracy(model: Any, images: np.ndarray, labels: np.ndarray, size: int, chans: int) -> float:
+    pred = predict(model, images, input_size=size, in_chans=chans, batch_size=512, device=torch.device("cpu"))
+    return float((pred.argmax(1) == labels).mean())
+
+
+def fmt(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = 100 * statistics.mean(values)
+    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument(
+        "--quick", action="store_true", help="CPU settings: 3 seeds, --epochs 12, same-size upper reference"
+    )
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--variants", nargs="+", default=None, help="substrings of row names to run (default: all)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=JSON", help="extra overrides for every web row")
+    ap.add_argument("--work", default="benchmarks/out/accuracy")
+    ap.add_argument("--out", default="benchmarks/results/accuracy.md")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    epochs = args.epochs or (12 if args.quick else None)
+    base = read_params(args.params).get("distill", {})
+    base = merge(base, {"device": args.device, "eval": {"last": 2000}})
+    if epochs:
+        base["epochs"] = epochs
+    for item in args.set:
+        key, value = item.split("=", 1)
+        node = base
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = json.loads(value)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    teacher, record = load_from_record(base.get("teacher_dir", "data/teacher"))
+    size, chans = record["input_size"], record["in_chans"]
+    raw, labels = load_fashion_mnist(base["eval"]["fashion_mnist"], "test")
+    test_x = fashion_mnist_rgb32(raw)
+    val = (test_x[:2000], labels[:2000])
+    test = (test_x[2000:], labels[2000:])
+    pool_n = len(np.load(Path(base.get("clean_dir", "data/clean")) / "images.npy", mmap_mode="r"))
+
+    rows: dict[str, dict[str, list[float]]] = {}
+    teacher.eval()
+    rows["teacher"] = {"val": [accuracy(teacher, *val, size, chans)], "test": [accuracy(teacher, *test, size, chans)],
+                       "seconds": [0.0]}  # fmt: skip
+    names = [n for n in VARIANTS if not args.variants or any(v in n for v in args.variants)]
+    t_all = time.time()
+    for name in names:
+        over = dict(VARIANTS[name])
+        cfg_raw = merge(base, {k: v for k, v in over.items() if not k.startswith("_")})
+        if over.get("_original"):
+            teacher_dir = cfg_raw.get("teacher_dir", "data/teacher")
+            clean, label = original_pool(work, pool_n if args.quick else None, teacher_dir,
+                                         device)  # fmt: skip
+            cfg_raw = merge(cfg_raw, {"clean_dir": clean, "label_dir": label, "truth": None, "holdout": 0.0})
+        res = rows.setdefault(name, {"val": [], "test": [], "seconds": []})
+        for seed in args.seeds:
+            slug = hashlib.sha256(json.dumps([cfg_raw, seed], sort_keys=True).encode()).hexdigest()[:12]
+            out = work / "runs" / slug
+            run = {"seed": seed, "out_dir": str(out), "metrics_dir": str(out / "metrics")}
+            cfg = build(DistillConfig, merge(cfg_raw, run),
+                        "distill")  # fmt: skip
+            t0 = time.time()
+            done = out / "student.json"
+            if not done.is_file():
+                shutil.rmtree(out, ignore_errors=True)
+                distill_stage.run(cfg)
+            model, _ = load_exported(out)
+            res["val"].append(accuracy(model, *val, size, chans))
+            res["test"].append(accuracy(model, *test, size, chans))
+            res["seconds"].append(time.time() - t0)
+            print(f"{name} seed {seed}: val {res['val'][-1]:.4f} test {res['test'][-1]:.4f} "
+                  f"({res['seconds'][-1]:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+    lines = [
+        "| method | validation acc. % (test[0:2000]) | test acc. % (test[2000:10000]) | seeds |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {fmt(r['val'])} | {fmt(r['test'])} | {len(r['test'])} |")
+    summary = []
+    kd, up = rows.get("KD (web)"), rows.get("upper: KD on original data")
+    for name in ("KD³ default (web)", "KD³ faithful (web)", "DFND (web)"):
+        if kd and up and name in rows and rows[name]["test"]:
+            lo, hi, got = (statistics.mean(x["test"]) for x in (kd, up, rows[name]))
+            closed = 100 * (got - lo) / (hi - lo)
+            summary.append(f"- {name}: closes {closed:.0f}% of the gap from KD (web) to the upper "
+                           f"reference ({100 * lo:.1f} → {100 * hi:.1f}).")  # fmt: skip
+    settings = (f"Student `{base['student']}`, {base['epochs']} epochs, batch {base['batch_size']}, lr {base['lr']} "
+                f"({base['lr_schedule']}), seeds {args.seeds}, device {device}; web pool {pool_n} images; "
+                f"wall {time.time() - t_all:.0f} s.")  # fmt: skip
+    text = "\n".join(lines) + "\n\n" + "\n".join(summary) + ("\n\n" if summary else "\n") + settings + "\n"
+    print(text)
+    if not args.variants:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Training throughput: our trainer against a straightforward reference loop, same models, loss and batch.
+
+The reference is how KD³ is usually written: a ``Dataset`` that turns each packed row into a PIL
+image and applies ``RandomResizedCrop`` + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize`` in
+``DataLoader`` workers, fp32, contiguous (NCHW) tensors, and each epoch's selection pass run as the
+authors' code runs it (teacher and student over the augmented pool). Ours is ``distill.trainer``:
+uint8 pool on the device, batched crop/flip, bf16 + channels-last on CUDA, selection on the clean
+view with the label stage's cached teacher logits.
+
+Two rows per pair: the training steps alone (identical work: the same KD³ loss, three forward
+passes per step), and whole epochs including the selection pass.
+
+    python benchmarks/train_speed.py                     # CPU: the demo pair
+    python benchmarks/train_speed.py --device cuda --pairs cifar imagenet   # GPU (benchmarks/gpu_check.sh)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distill.data import ImagePool, resolve_device  # noqa: E402
+from distill.kd3 import KD3Method  # noqa: E402
+from distill.models import build_model  # noqa: E402
+from distill.teacher import Teacher  # noqa: E402
+from distill.trainer import Augment, Runtime, Schedule, Trainer  # noqa: E402
+
+PAIRS = {  # name: (teacher, student, input side, stored side)
+    "demo": ("resnet8", "resnet8", 32, 48),
+    "cifar": ("resnet34", "resnet18", 32, 40),
+    "imagenet": ("torchvision/resnet50", "torchvision/resnet18", 224, 256),
+}
+MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+
+
+class PoolDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    def __init__(self, images: np.ndarray, size: int) -> None:
+        from torchvision import transforms
+
+        self.images = images
+        self.tf = transforms.Compose([
+            transforms.RandomResizedCrop(size, scale=(0.35, 1.0)), transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(), transforms.Normalize(MEAN, STD),
+        ])  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.tf(Image.fromarray(self.images[i])), i
+
+
+def build(pair: str, device: torch.device, n: int, seed: int = 0) -> tuple[KD3Method, np.ndarray]:
+    t_arch, s_arch, size, stored = PAIRS[pair]
+    torch.manual_seed(seed)
+    teacher = Teacher(build_model(t_arch, 10), MEAN, STD)
+    method = KD3Method(teacher, build_model(s_arch, 10), input_size=size, selection=True)
+    images = np.random.default_rng(seed).integers(0, 256, (n, stored, stored, 3), dtype=np.uint8)
+    return method.to(device), images
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reference(pair: str, device: torch.device, n: int, batch: int, steps: int, workers: int) -> dict[str, float]:
+    """The straightforward loop: PIL transforms in workers, fp32, NCHW; selection on augmented views."""
+    method, images = build(pair, device, n)
+    size = PAIRS[pair][2]
+    ds = PoolDataset(images, size)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)  # fmt: skip
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    t = method.teacher
+
+    def step_loop(limit: int) -> tuple[int, float]:
+        method.train()
+        seen, t0 = 0, 0.0
+        for i, (x, _) in enumerate(loader):
+            if i == 1:
+                sync(device)
+                t0, seen = time.perf_counter(), 0  # the first batch pays for worker start-up
+            if i > limit:
+                break
+            x = x.to(device, non_blocking=True)
+            x01 = x * t.std + t.mean  # the method's forward takes [0, 1] input
+            terms = method(x01, None)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            opt.step()
+            seen += len(x)
+        sync(device)
+        return seen, time.perf_counter() - t0
+
+    step_loop(2)  # warm-up
+    seen, secs = step_loop(steps)
+    # selection as the released code runs it: S and T over the augmented pool, every epoch
+    method.eval()
+    sel_loader = torch.utils.data.DataLoader(ds, batch_size=512, num_workers=workers, persistent_workers=False)
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for x, _ in sel_loader:
+            x = x.to(device)
+            t(x * t.std + t.mean)
+            method.student(x)
+    sync(device)
+    sel = time.perf_counter() - t0
+    step_rate = seen / secs
+    return {"steps": step_rate, "epoch": n / (n / step_rate + sel)}
+
+
+def ours(pair: str, device: torch.device, n: int, batch: int, steps: int, compile_: bool = False) -> dict[str, float]:
+    method, images = build(pair, device, n)
+    size = PAIRS[pair][2]
+    with torch.no_grad():
+        logits = torch.zeros(n, 10)
+    trainer = Trainer(method, ImagePool(images, device), logits, schedule=Schedule(epochs=1, batch_size=batch, lr=0.01),
+                      augment=Augment(size=size), runtime=Runtime(device=device, compile=compile_), seed=0)  # fmt: skip
+    trainer.select()
+    trainer.order = torch.arange(n)[torch.randperm(n)][: batch * (steps + 3)]
+    it = trainer._batches()
+    method.train()
+
+    def run(k: int) -> tuple[int, float]:
+        sync(device)
+        t0, seen = time.perf_counter(), 0
+        for _ in range(k):
+            _, idx, u8 = next(it)
+            x = trainer._view(u8, augmented=True)
+            with trainer._autocast():
+                terms = trainer.step_fn(x, trainer.mix_gen, None)
+            trainer.opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            trainer.opt.step()
+            seen += len(idx)
+        sync(device)
+        return seen, time.perf_counter() - t0
+
+    run(3 if not compile_ else 3)  # warm-up (and compilation)
+    seen, secs = run(steps)
+    sync(device)
+    t0 = time.perf_counter()
+    trainer.select()  # clean view, student only: the teacher's logits come from the label stage
+    sync(device)
+    sel = time.perf_counter() - t0
+    step_rate = seen / secs
+    return {"steps": step_rate, "epoch": n / (n / step_rate + sel)}
+
+
+def busy_fraction(pair: str, device: torch.device, n: int, batch: int, steps: int) -> float | None:
+    """CUDA only: kernel time / wall time over ``steps`` training steps of our trainer (torch.profiler)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    method, images = build(pair, device, n)
+    trainer = Trainer(method, ImagePool(images, device), torch.zeros(n, 10),
+                      schedule=Schedule(epochs=1, batch_size=batch, lr=0.01), augment=Augment(size=PAIRS[pair][2]),
+                      runtime=Runtime(device=device), seed=0)  # fmt: skip
+    trainer.select()
+    it = trainer._batches()
+
+    def one() -> None:
+        _, _, u8 = next(it)
+        x = trainer._view(u8, augmented=True)
+        with trainer._autocast():
+            terms = trainer.step_fn(x, trainer.mix_gen, None)
+        trainer.opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        trainer.opt.step()
+
+    for _ in range(3):
+        one()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            one()
+        sync(device)
+        wall = time.perf_counter() - t0
+    kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return kernel_us / 1e6 / wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--pairs", nargs="+", default=["demo"], choices=list(PAIRS))
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--pool", type=int, default=4096, help="pool images (selection pass)")
+    ap.add_argument("--workers", type=int, default=2, help="reference DataLoader workers")
+    ap.add_argument("--compile", action="store_true", help="also time ours with torch.compile")
+    ap.add_argument("--dry", action="store_true", help="tiny sizes: check that everything runs (no figures)")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    if args.dry:
+        args.steps, args.pool, args.batch = 2, 256, 32
+    rows: list[tuple[Any, ...]] = []
+    for pair in args.pairs:
+        batch = args.batch if pair != "imagenet" else min(args.batch, 64)
+        ref = reference(pair, device, args.pool, batch, args.steps, args.workers)
+        variants = [("ours", ours(pair, device, args.pool, batch, args.steps))]
+        if args.compile:
+            variants.append(("ours + torch.compile", ours(pair, device, args.pool, batch, args.steps, True)))
+        for name, res in variants:
+            rows.append((pair, name, ref["steps"], res["steps"], res["steps"] / ref["steps"], ref["epoch"],
+                         res["epoch"], res["epoch"] / ref["epoch"]))  # fmt: skip
+        busy = busy_fraction(pair, device, args.pool, batch, args.steps)
+        if busy is not None:
+            print(f"{pair}: GPU busy {100 * busy:.0f}% of step time (ours)")
+    t_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(
+        f"\nKD³ training throughput, images/s ({t_name}; batch {args.batch}, {args.steps} timed steps, "
+        f"pool {args.pool}, reference with {args.workers} DataLoader workers)\n"
+    )
+    print("| pair | trainer | reference steps | ours steps | ratio | reference epoch | ours epoch | ratio |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]:.0f} | {r[3]:.0f} | {r[4]:.2f}x | {r[5]:.0f} | {r[6]:.0f} | {r[7]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
