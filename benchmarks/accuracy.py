@@ -26,10 +26,12 @@ import argparse
 import hashlib
 import json
 import logging
+import multiprocessing
 import shutil
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +95,18 @@ def original_pool(work: Path, n: int | None, teacher_dir: str, device: torch.dev
     return str(clean), str(label)
 
 
+def train_one(raw: dict[str, Any], threads: int) -> tuple[Path, float]:
+    """One distill run in a worker process (reused when its exported student already exists)."""
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+    out = Path(raw["out_dir"])
+    t0 = time.time()
+    if not (out / "student.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        distill_stage.run(build(DistillConfig, raw, "distill"))
+    return out, time.time() - t0
+
+
 def accuracy(model: Any, images: np.ndarray, labels: np.ndarray, size: int, chans: int) -> float:
     pred = predict(model, images, input_size=size, in_chans=chans, batch_size=512, device=torch.device("cpu"))
     return float((pred.argmax(1) == labels).mean())
@@ -119,6 +133,7 @@ def main() -> None:
     ap.add_argument("--work", default="benchmarks/out/accuracy")
     ap.add_argument("--out", default="benchmarks/results/accuracy.md")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (each with cores/jobs threads)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     epochs = args.epochs or (12 if args.quick else None)
@@ -150,32 +165,34 @@ def main() -> None:
                        "seconds": [0.0]}  # fmt: skip
     names = [n for n in VARIANTS if not args.variants or any(v in n for v in args.variants)]
     t_all = time.time()
+    tasks = []
     for name in names:
         over = dict(VARIANTS[name])
         cfg_raw = merge(base, {k: v for k, v in over.items() if not k.startswith("_")})
         if over.get("_original"):
             teacher_dir = cfg_raw.get("teacher_dir", "data/teacher")
-            clean, label = original_pool(work, pool_n if args.quick else None, teacher_dir,
-                                         device)  # fmt: skip
+            clean, label = original_pool(work, pool_n if args.quick else None, teacher_dir, device)
             cfg_raw = merge(cfg_raw, {"clean_dir": clean, "label_dir": label, "truth": None, "holdout": 0.0})
-        res = rows.setdefault(name, {"val": [], "test": [], "seconds": []})
+        rows[name] = {"val": [], "test": [], "seconds": []}
         for seed in args.seeds:
             slug = hashlib.sha256(json.dumps([cfg_raw, seed], sort_keys=True).encode()).hexdigest()[:12]
             out = work / "runs" / slug
-            run = {"seed": seed, "out_dir": str(out), "metrics_dir": str(out / "metrics")}
-            cfg = build(DistillConfig, merge(cfg_raw, run),
-                        "distill")  # fmt: skip
-            t0 = time.time()
-            done = out / "student.json"
-            if not done.is_file():
-                shutil.rmtree(out, ignore_errors=True)
-                distill_stage.run(cfg)
+            tasks.append(
+                (name, seed, merge(cfg_raw, {"seed": seed, "out_dir": str(out), "metrics_dir": str(out / "metrics")}))
+            )
+    threads = max(1, torch.get_num_threads() // args.jobs)
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+        futures = {ex.submit(train_one, cfg, threads): (name, seed) for name, seed, cfg in tasks}
+        for fut in as_completed(futures):
+            name, seed = futures[fut]
+            out, seconds = fut.result()
             model, _ = load_exported(out)
+            res = rows[name]
             res["val"].append(accuracy(model, *val, size, chans))
             res["test"].append(accuracy(model, *test, size, chans))
-            res["seconds"].append(time.time() - t0)
-            print(f"{name} seed {seed}: val {res['val'][-1]:.4f} test {res['test'][-1]:.4f} "
-                  f"({res['seconds'][-1]:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+            res["seconds"].append(seconds)
+            print(f"{name} seed {seed}: val {res['val'][-1]:.4f} test {res['test'][-1]:.4f} ({seconds:.0f} s)",
+                  file=sys.stderr, flush=True)  # fmt: skip
     lines = [
         "| method | validation acc. % (test[0:2000]) | test acc. % (test[2000:10000]) | seeds |",
         "|---|---:|---:|---:|",
@@ -192,7 +209,7 @@ def main() -> None:
                            f"reference ({100 * lo:.1f} → {100 * hi:.1f}).")  # fmt: skip
     settings = (f"Student `{base['student']}`, {base['epochs']} epochs, batch {base['batch_size']}, lr {base['lr']} "
                 f"({base['lr_schedule']}), seeds {args.seeds}, device {device}; web pool {pool_n} images; "
-                f"wall {time.time() - t_all:.0f} s.")  # fmt: skip
+                f"{args.jobs} runs in parallel; wall {time.time() - t_all:.0f} s.")  # fmt: skip
     text = "\n".join(lines) + "\n\n" + "\n".join(summary) + ("\n\n" if summary else "\n") + settings + "\n"
     print(text)
     if not args.variants:

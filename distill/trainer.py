@@ -197,6 +197,7 @@ class Trainer:
             self.step_fn = torch.compile(self.step_fn)  # type: ignore[assignment]
         self.epoch, self.step, self.global_step = 0, 0, 0
         self.order: torch.Tensor | None = None  # this epoch's shuffled selection (positions in self.rows)
+        self.last_selection: tuple[torch.Tensor, torch.Tensor] | None = None
         self.epoch_info: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
         self._signal: int | None = None
@@ -318,6 +319,9 @@ class Trainer:
             conf = torch.softmax(teacher_logits, 1).max(1).values
             chosen = conf.topk(min(self.schedule.batch_size, len(conf))).indices
         self.order = chosen[torch.randperm(len(chosen), generator=self.order_gen)]
+        trained = torch.zeros(len(self.rows), dtype=torch.bool)
+        trained[chosen] = True
+        self.last_selection = (trained, pred)  # for reports: contact sheets of kept and dropped images
         self.step = 0
         frac = round(len(chosen) / max(len(self.rows), 1), 4)
         info: dict[str, Any] = {"selected": len(chosen), "selected_fraction": frac,

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from crawl.sheets import contact_sheet
 from distill.baselines import DFNDMethod, KDMethod
 from distill.data import ImagePool, holdout_mask, resolve_device
 from distill.export import export_student
@@ -105,6 +106,22 @@ def _write_epochs_csv(history: list[dict[str, Any]], path: Path) -> None:
         w.writeheader()
         w.writerows(history)
     os.replace(tmp, path)
+
+
+def _selection_sheets(trainer: Trainer, images: np.ndarray, classes: list[str], folder: Path, per: int = 10) -> None:
+    """Contact sheets of the last epoch's selection: per pseudo-class, images kept and images dropped."""
+    mask, pred = trainer.last_selection  # type: ignore[misc]
+    rows = trainer.rows.numpy()
+    folder.mkdir(parents=True, exist_ok=True)
+    for kept, name in ((True, "selection_kept.png"), (False, "selection_dropped.png")):
+        grid = []
+        for k, c in enumerate(classes):
+            pick = np.flatnonzero((pred.numpy() == k) & (mask.numpy() == kept))[:per]
+            if len(pick):
+                grid.append([(np.asarray(images[rows[i]]), c if j == 0 else "") for j, i in enumerate(pick)])
+        if grid:
+            title = f"last epoch: {'kept' if kept else 'dropped'} by the selection, one row per pseudo-class"
+            contact_sheet(grid, folder / name, title=title, outline_first=False)
 
 
 def run(cfg: DistillConfig) -> dict[str, Any]:
@@ -195,6 +212,8 @@ def _run(cfg: DistillConfig, device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "world_size": trainer.world,
     }
+    if trainer.last_selection is not None:
+        _selection_sheets(trainer, images, classes, out / "sheets")
     write_json(metrics_dir / "distill.json", summary)
     write_json(out / "report.json", {**summary, "describe": describe, "history": history, "export": export})
     _write_epochs_csv(history, metrics_dir / "distill_epochs.csv")

@@ -77,14 +77,14 @@ def png_bytes(size: tuple[int, int] = (20, 20), seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def write_idx(folder: Path, images: np.ndarray, labels: np.ndarray) -> None:
+def write_idx(folder: Path, images: np.ndarray, labels: np.ndarray, prefix: str = "train") -> None:
     """Fashion-MNIST's idx format, uncompressed, so the world stage reads it like the real files."""
     folder.mkdir(parents=True, exist_ok=True)
     n = len(images)
-    (folder / "train-images-idx3-ubyte").write_bytes(
+    (folder / f"{prefix}-images-idx3-ubyte").write_bytes(
         b"\x00\x00\x08\x03" + b"".join(int(v).to_bytes(4, "big") for v in (n, 28, 28)) + images.tobytes()
     )
-    (folder / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01" + n.to_bytes(4, "big") + labels.tobytes())
+    (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01" + n.to_bytes(4, "big") + labels.tobytes())
 
 
 def free_port() -> int:

@@ -97,6 +97,7 @@ def test_distill_exports_a_student_that_evaluate_scores(stage_inputs: Path, tmp_
     assert 0 <= student["student_accuracy"] <= 1 and 0 <= student["agreement_eval"] <= 1
     assert student["heldout_web_images"] > 0 and 0 <= student["agreement_heldout_web"] <= 1
     assert (tmp_path / "metrics" / "student_confusion.png").is_file()
+    assert (out / "sheets" / "selection_kept.png").is_file()
 
 
 @pytest.mark.parametrize("method", ["kd", "dfnd"])

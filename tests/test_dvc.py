@@ -42,12 +42,16 @@ def repo_copy(tmp_path: Path) -> Path:
     images, labels = synthetic_items(30, 10)
     order = np.random.default_rng(0).permutation(len(images))
     write_idx(tmp_path / "fmnist", images[order], labels[order])
+    write_idx(tmp_path / "fmnist", *synthetic_items(4, 10, seed=1), prefix="t10k")
     params = yaml.safe_load((dst / "params.yaml").read_text())
     params["world"].update(source=str(tmp_path / "fmnist"), first=0, last=300, results_per_class=6)
     params["world"]["render"].update(min_size=24, max_size=40)
     params["crawl"].update(per_class=3, min_per_class=1, progress=False)
     params["clean"].update(progress=False, min_side=16)
     params["label"]["truth"] = None
+    params["teacher"]["demo"].update(source=str(tmp_path / "fmnist"), last=300, epochs=1, batch_size=32)
+    params["distill"].update(epochs=2, batch_size=8, eval={"fashion_mnist": str(tmp_path / "fmnist"), "last": 20})
+    params["evaluate"].update(fashion_mnist=str(tmp_path / "fmnist"), first=20)
     params["crawl"]["mirror"]["port"] = free_port()
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.email=t@t", "-c", "user.name=t",
@@ -128,3 +132,20 @@ def test_dvc_repro_label_reruns_exactly_when_the_checkpoint_changes(repo_copy: P
     assert third.returncode == 0, third.stderr
     assert "Running stage 'label'" in third.stdout and "Running stage 'crawl'" not in third.stdout
     assert (repo_copy / "data/label/logits.npy").read_bytes() != logits
+
+
+def test_dvc_repro_runs_the_whole_pipeline_then_nothing(repo_copy: Path) -> None:
+    """The end-to-end smoke test: world -> crawl -> clean -> teacher -> label -> distill -> evaluate."""
+    first = run(["dvc", "repro"], repo_copy)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for stage in ("world", "crawl", "clean", "teacher", "label", "distill", "evaluate"):
+        assert f"Running stage '{stage}'" in first.stdout, stage
+    assert (repo_copy / "data/distill/student.ts").is_file()
+    metrics = run(["dvc", "metrics", "show", "--json"], repo_copy)
+    assert metrics.returncode == 0 and "student_accuracy" in metrics.stdout and "val_accuracy_last" in metrics.stdout
+    plots = run(["dvc", "plots", "show", "-o", "plots_html"], repo_copy)
+    assert plots.returncode == 0, plots.stderr
+    again = run(["dvc", "repro"], repo_copy)
+    assert again.returncode == 0, again.stderr
+    ran = [s for s in ("crawl", "clean", "label", "distill", "evaluate") if f"Running stage '{s}'" in again.stdout]
+    assert ran == [], again.stdout
