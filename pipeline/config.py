@@ -320,7 +320,7 @@ class DistillConfig:
     seed: int = opt(0, 0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # bf16 autocast on CUDA
-    channels_last: bool = True  # on CUDA
+    channels_last: bool = True  # NHWC memory layout (faster convolutions on CUDA and CPU)
     compile: bool = False  # torch.compile (benchmarks/train_speed.py measures it)
     gpu_memory_budget_mb: int = opt(4096, 0)  # a larger pool streams from host memory
     nan_policy: Literal["abort", "skip"] = "abort"
