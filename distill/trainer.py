@@ -366,7 +366,7 @@ class Trainer:
         return self.history
 
     def _run_epoch(self) -> None:
-        if self.order is None or self.step == 0:
+        if self.order is None:  # (a checkpoint taken mid-epoch carries its order: no new selection)
             self.select()
         self.method.train()
         sums: dict[str, torch.Tensor] = {}

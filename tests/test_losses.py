@@ -17,6 +17,7 @@ from distill.losses import (
     kd_logit,
     mix_distribution,
     noise_adapt,
+    query_log_prior,
     select_instances,
     transition_matrix,
 )
@@ -118,3 +119,19 @@ def test_class_thresholds_and_selection() -> None:
     assert pseudo.tolist() == [0, 0, 1] and mask.tolist() == [True, False, True]
     mask, _ = select_instances(t, s, alpha=0.0)  # the untrained student alone is never confident
     assert mask.tolist() == [False, False, False]
+
+
+def test_query_prior_is_a_distribution_and_uniform_when_unknown() -> None:
+    lp = query_log_prior(torch.tensor([2, -1, 0]), 4, 0.7)
+    assert torch.allclose(lp.exp().sum(1), torch.ones(3))
+    assert torch.isclose(lp[0, 2].exp(), torch.tensor(0.7)) and torch.isclose(lp[0, 0].exp(), torch.tensor(0.1))
+    assert torch.allclose(lp[1].exp(), torch.full((4,), 0.25))
+
+
+def test_kd_with_a_prior_targets_the_tempered_posterior() -> None:
+    g = torch.Generator().manual_seed(0)
+    t_logits = torch.randn(5, 4, generator=g)
+    lp = query_log_prior(torch.tensor([0, 1, 2, 3, -1]), 4, 0.7)
+    matched = t_logits + 4.0 * lp  # softmax(o/T) = softmax(o_T/T) · π (renormalised)
+    assert kd_logit(matched, t_logits, 4.0, lp) < 1e-5
+    assert kd_logit(t_logits, t_logits, 4.0, lp) > 0.01 and kd_logit(t_logits, t_logits, 4.0) < 1e-6

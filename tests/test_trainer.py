@@ -248,3 +248,15 @@ def test_non_finite_loss_is_caught_before_the_step(pool_and_teacher: Any, tmp_pa
         t._run_epoch()
         assert t.history[-1]["skipped_steps"] == 1
     assert all(torch.isfinite(v).all() for v in t.method.state_dict().values() if v.is_floating_point())
+
+
+def test_query_prior_pulls_selection_towards_the_crawled_class(pool_and_teacher: Any) -> None:
+    images, teacher = pool_and_teacher
+    t_logits, s_logits = teacher_logits(teacher, images), torch.zeros(len(images), 3)
+    queries = torch.arange(len(images)) % 3
+    plain = KD3Method(teacher, build_model("resnet8", 3), input_size=32)
+    prior = KD3Method(teacher, build_model("resnet8", 3), input_size=32, query_prior=0.9)
+    _, pred0 = plain.select(0, 10, t_logits, s_logits, queries)
+    _, pred1 = prior.select(0, 10, t_logits, s_logits, queries)
+    assert (pred1 == queries).float().mean() > (pred0 == queries).float().mean()
+    assert torch.equal(plain.select(0, 10, t_logits, s_logits, queries)[1], plain.select(0, 10, t_logits, s_logits)[1])
