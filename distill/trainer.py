@@ -355,6 +355,15 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item()) != 0
 
+    def _finite(self, value: torch.Tensor) -> bool:
+        """Whether ``value`` is finite on every rank (all ranks must take the same decision)."""
+        ok = torch.isfinite(value.detach().float()).all().to(torch.int64).reshape(1)
+        if self.world > 1:
+            if self.device.type != "cuda":
+                ok = ok.cpu()
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
     def fit(self) -> list[dict[str, Any]]:
         old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -381,18 +390,23 @@ class Trainer:
             with self._autocast():
                 terms = self.step_fn(x, self.mix_gen, self.queries[idx].to(self.device))
             loss = terms["loss"]
-            if not bool(torch.isfinite(loss)):
+            for o in [self.opt, *self.extra_opts]:
+                o.zero_grad(set_to_none=True)
+            bad = "loss" if not self._finite(loss) else None
+            if bad is None:
+                loss.backward()
+                grads = [p.grad for p in self.params if p.grad is not None]
+                if grads and not self._finite(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))):
+                    bad = "gradient"
+            if bad is not None:  # detected before the optimiser step: the weights stay finite
                 skipped_run, skipped = skipped_run + 1, skipped + 1
-                msg = f"non-finite loss at epoch {self.epoch + 1} step {self.step + 1}"
+                msg = f"non-finite {bad} at epoch {self.epoch + 1} step {self.step + 1}"
                 if self.rt.nan_policy == "abort" or skipped_run > self.rt.max_skipped:
                     raise NonFiniteLoss(msg + " (no step taken; the last checkpoint is intact)")
                 log.warning("%s: step skipped", msg)
                 self.step += 1
                 continue
             skipped_run = 0
-            for o in [self.opt, *self.extra_opts]:
-                o.zero_grad(set_to_none=True)
-            loss.backward()
             for o in [self.opt, *self.extra_opts]:
                 o.step()
             for k, v in terms.items():
