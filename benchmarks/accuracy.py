@@ -98,14 +98,15 @@ def original_pool(work: Path, n: int | None, teacher_dir: str, device: torch.dev
 
 
 def train_one(raw: dict[str, Any], threads: int) -> tuple[Path, float]:
-    """One distill run in a worker process (reused when its exported student already exists)."""
+    """One distill run in a worker process; seconds, or -1 when its exported student already existed."""
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)
     out = Path(raw["out_dir"])
     t0 = time.time()
-    if not (out / "student.json").is_file():
-        shutil.rmtree(out, ignore_errors=True)
-        distill_stage.run(build(DistillConfig, raw, "distill"))
+    if (out / "student.json").is_file():
+        return out, -1.0  # reused from an earlier invocation (same settings, seed and code path)
+    shutil.rmtree(out, ignore_errors=True)
+    distill_stage.run(build(DistillConfig, raw, "distill"))
     return out, time.time() - t0
 
 
@@ -193,6 +194,7 @@ def main() -> None:
             res["seconds"].append(seconds)
             print(f"{name} seed {seed}: val {res['val'][-1]:.4f} test {res['test'][-1]:.4f} ({seconds:.0f} s)",
                   file=sys.stderr, flush=True)  # fmt: skip
+    reused = sum(1 for r in rows.values() for x in r["seconds"] if x < 0)
     lines = [
         "| method | validation acc. % (test[0:2000]) | test acc. % (test[2000:10000]) | seeds |",
         "|---|---:|---:|---:|",
@@ -209,7 +211,8 @@ def main() -> None:
                            f"reference ({100 * lo:.1f} → {100 * hi:.1f}).")  # fmt: skip
     settings = (f"Student `{base['student']}`, {base['epochs']} epochs, batch {base['batch_size']}, lr {base['lr']} "
                 f"({base['lr_schedule']}), seeds {args.seeds}, device {device}; web pool {pool_n} images; "
-                f"{args.jobs} runs in parallel; wall {time.time() - t_all:.0f} s.")  # fmt: skip
+                f"{args.jobs} runs in parallel; wall {time.time() - t_all:.0f} s"
+                + (f" ({reused} of {len(tasks)} runs reused from an earlier invocation)." if reused else "."))  # fmt: skip
     text = "\n".join(lines) + "\n\n" + "\n".join(summary) + ("\n\n" if summary else "\n") + settings + "\n"
     print(text)
     if not args.variants:

@@ -74,8 +74,10 @@ class KD3Student(nn.Module):
         if shared_classifier:
             for p in self.classifier.parameters():
                 p.requires_grad_(False)  # h_T is reused, never updated
-        else:
-            self.classifier.reset_parameters()  # ablation: the student's own classifier
+        else:  # ablation: the student's own classifier (the copy came frozen from the teacher)
+            self.classifier.reset_parameters()
+            for p in self.classifier.parameters():
+                p.requires_grad_(True)
         self.head = ContrastiveHead(teacher_channels) if contrastive else None  # g_S, for instance alignment
 
     def project(self, x: torch.Tensor) -> torch.Tensor:

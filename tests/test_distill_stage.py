@@ -167,8 +167,9 @@ def test_torchrun_two_processes_match_one(stage_inputs: Path, tmp_path: Path) ->
         params = write_params(stage_inputs, work, epochs=3, method="kd", lr=0.2, batch_size=48, holdout=0.0, flip=False,
                               crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0])  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={n}", "-m",
-               "pipeline.cli", "distill", "--params", str(params)]  # fmt: skip
+        bin_dir = Path(sys.executable).parent  # as the README says: torchrun --no-python ... kd3 distill
+        cmd = [str(bin_dir / "torchrun"), "--standalone", "--no-python", f"--nproc_per_node={n}", str(bin_dir / "kd3"),
+               "distill", "--params", str(params)]  # fmt: skip
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         report = json.loads((work / "distill" / "report.json").read_text())

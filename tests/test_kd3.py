@@ -66,3 +66,19 @@ def test_a_larger_student_map_is_pooled_to_the_teachers_size() -> None:
     teacher = build_model("resnet18", 10)  # 512 channels at 4x4
     student = KD3Student(build_model("resnet8", 10), teacher.classifier, 512, teacher_hw=4)
     assert student.project(torch.rand(1, 3, 32, 32)).shape == (1, 512, 4, 4)
+
+
+def test_without_sharing_the_students_own_classifier_learns_by_kd() -> None:
+    from distill.kd3 import KD3Method
+    from distill.teacher import Teacher
+
+    torch.manual_seed(0)
+    teacher = Teacher(build_model("resnet8", 10), [0.5] * 3, [0.25] * 3)  # frozen: its parameters do not train
+    method = KD3Method(teacher, build_model("resnet8", 10), input_size=32, shared_classifier=False)
+    clf = method.student.classifier
+    assert all(p.requires_grad for p in clf.parameters()) and not torch.equal(clf.weight, teacher.classifier.weight)
+    assert "kd" in method.loss_fn.describe().lower()
+    out = method(torch.rand(4, 3, 32, 32), torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert out["kd"] > 0 and clf.weight.grad is not None and clf.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
