@@ -212,7 +212,7 @@ def main() -> None:
     settings = (f"Student `{base['student']}`, {base['epochs']} epochs, batch {base['batch_size']}, lr {base['lr']} "
                 f"({base['lr_schedule']}), seeds {args.seeds}, device {device}; web pool {pool_n} images; "
                 f"{args.jobs} runs in parallel; wall {time.time() - t_all:.0f} s"
-                + (f" ({reused} of {len(tasks)} runs reused from an earlier invocation)." if reused else "."))  # fmt: skip
+                + (f" ({reused} of {len(tasks)} runs reused from an earlier call)." if reused else "."))  # fmt: skip
     text = "\n".join(lines) + "\n\n" + "\n".join(summary) + ("\n\n" if summary else "\n") + settings + "\n"
     print(text)
     if not args.variants:
