@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import socket
 import socketserver
 import threading
@@ -23,6 +24,11 @@ from crawl.mirror import MirrorServer
 from crawl.world import RenderParams, WorldMix, build_world
 
 REPO = Path(__file__).resolve().parents[1]
+
+# A suite started as a background job of a non-interactive shell (`make test &`) inherits SIGINT
+# ignored, and so would every process it starts: the signal tests (F2/F3, F7) need the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 TINY_CLASSES = ["T-shirt/top", "Trouser", "Bag"]
 
 
