@@ -171,7 +171,8 @@ class KD3Method(Method):
 
     def describe(self) -> str:
         sel = "dynamic selection" if self.selection else "no selection"
-        prior = f"; query prior ρ={self.query_prior:g} in selection and KD targets" if self.query_prior else ""
+        where = "selection and KD targets" if self.selection else "KD targets"
+        prior = f"; query prior ρ={self.query_prior:g} in {where}" if self.query_prior else ""
         return f"{self.loss_fn.describe()}; {sel}{prior}"
 
     def needs_student_logits(self, epoch: int) -> bool:
