@@ -137,17 +137,12 @@ def ours(pair: str, device: torch.device, n: int, batch: int, steps: int, compil
         t0, seen = time.perf_counter(), 0
         for _ in range(k):
             _, idx, u8 = next(it)
-            x = trainer._view(u8, augmented=True)
-            with trainer._autocast():
-                terms = trainer.step_fn(x, trainer.mix_gen, None)
-            trainer.opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            trainer.opt.step()
+            trainer.train_step(idx, u8)  # the trainer's own step: augmentation, AMP, NaN guard, optimiser
             seen += len(idx)
         sync(device)
         return seen, time.perf_counter() - t0
 
-    run(3 if not compile_ else 3)  # warm-up (and compilation)
+    run(3)  # warm-up (and compilation)
     seen, secs = run(steps)
     sync(device)
     t0 = time.perf_counter()
@@ -172,13 +167,8 @@ def busy_fraction(pair: str, device: torch.device, n: int, batch: int, steps: in
     it = trainer._batches()
 
     def one() -> None:
-        _, _, u8 = next(it)
-        x = trainer._view(u8, augmented=True)
-        with trainer._autocast():
-            terms = trainer.step_fn(x, trainer.mix_gen, None)
-        trainer.opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        trainer.opt.step()
+        _, idx, u8 = next(it)
+        trainer.train_step(idx, u8)
 
     for _ in range(3):
         one()

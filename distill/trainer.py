@@ -374,6 +374,25 @@ class Trainer:
                 signal.signal(s, h)
         return self.history
 
+    def train_step(self, idx: torch.Tensor, u8: torch.Tensor) -> dict[str, torch.Tensor] | str:
+        """One optimiser step on pool rows ``idx`` (uint8 images ``u8``): the named loss terms, or
+        ``"loss"``/``"gradient"`` when that was non-finite on some rank (then no step was taken)."""
+        x = self._view(u8, augmented=True)
+        with self._autocast():
+            terms = self.step_fn(x, self.mix_gen, self.queries[idx].to(self.device))
+        loss = terms["loss"]
+        for o in [self.opt, *self.extra_opts]:
+            o.zero_grad(set_to_none=True)
+        if not self._finite(loss):
+            return "loss"
+        loss.backward()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads and not self._finite(torch.nn.utils.get_total_norm(grads)):
+            return "gradient"
+        for o in [self.opt, *self.extra_opts]:
+            o.step()
+        return terms
+
     def _run_epoch(self) -> None:
         if self.order is None:  # (a checkpoint taken mid-epoch carries its order: no new selection)
             self.select()
@@ -386,30 +405,17 @@ class Trainer:
                 self.save()
                 signum = self._signal or signal.SIGTERM
                 raise TrainingInterrupted(int(signum))
-            x = self._view(u8, augmented=True)
-            with self._autocast():
-                terms = self.step_fn(x, self.mix_gen, self.queries[idx].to(self.device))
-            loss = terms["loss"]
-            for o in [self.opt, *self.extra_opts]:
-                o.zero_grad(set_to_none=True)
-            bad = "loss" if not self._finite(loss) else None
-            if bad is None:
-                loss.backward()
-                grads = [p.grad for p in self.params if p.grad is not None]
-                if grads and not self._finite(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))):
-                    bad = "gradient"
-            if bad is not None:  # detected before the optimiser step: the weights stay finite
+            result = self.train_step(idx, u8)
+            if isinstance(result, str):  # detected before the optimiser step: the weights stay finite
                 skipped_run, skipped = skipped_run + 1, skipped + 1
-                msg = f"non-finite {bad} at epoch {self.epoch + 1} step {self.step + 1}"
+                msg = f"non-finite {result} at epoch {self.epoch + 1} step {self.step + 1}"
                 if self.rt.nan_policy == "abort" or skipped_run > self.rt.max_skipped:
                     raise NonFiniteLoss(msg + " (no step taken; the last checkpoint is intact)")
                 log.warning("%s: step skipped", msg)
                 self.step += 1
                 continue
             skipped_run = 0
-            for o in [self.opt, *self.extra_opts]:
-                o.step()
-            for k, v in terms.items():
+            for k, v in result.items():
                 sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v.detach().float() * len(idx)
             seen += n_glob
             self.step += 1
