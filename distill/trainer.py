@@ -24,7 +24,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -446,11 +446,3 @@ class Trainer:
             self.on_epoch(row)
         log.info("distill: %s", " ".join(f"{k} {v}" for k, v in row.items()))
 
-
-def settings_dict(*objs: Any) -> dict[str, Any]:
-    """Plain dict of the dataclass settings, for fingerprints and reports."""
-    out: dict[str, Any] = {}
-    for o in objs:
-        d = asdict(o)
-        out.update({k: (str(v) if isinstance(v, torch.device) else v) for k, v in d.items()})
-    return out
