@@ -28,6 +28,7 @@ from distill.data import fashion_mnist_rgb32, holdout_mask, resolve_device
 from distill.export import load_exported
 from distill.label import confusion, predict
 from distill.plots import confusion_image
+from distill.teacher import Teacher
 from pipeline.config import EvaluateConfig
 from pipeline.outputs import write_json
 from pipeline.teacher_stage import load_from_record
@@ -111,12 +112,12 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         file=sys.stderr,
     )
     if cfg.student_dir:
-        metrics["student"] = _student(cfg, record, images, labels, pred, source, out)
+        metrics["student"] = _student(cfg, teacher, device, record, images, labels, pred, source, out)
     return metrics
 
 
-def _student(cfg: EvaluateConfig, record: dict[str, Any], images: np.ndarray, labels: np.ndarray,
-             teacher_pred: np.ndarray, source: str, out: Path) -> dict[str, Any]:  # fmt: skip
+def _student(cfg: EvaluateConfig, teacher: Teacher, device: torch.device, record: dict[str, Any], images: np.ndarray,
+             labels: np.ndarray, teacher_pred: np.ndarray, source: str, out: Path) -> dict[str, Any]:  # fmt: skip
     """The exported student on the same set, its agreement with the teacher there and on held-out web images."""
     model, meta = load_exported(Path(cfg.student_dir))  # type: ignore[arg-type]
     if meta["teacher_sha256"] != record["sha256"]:
@@ -140,8 +141,7 @@ def _student(cfg: EvaluateConfig, record: dict[str, Any], images: np.ndarray, la
     metrics["heldout_web_images"] = len(rows)
     if len(rows):
         web = np.load(clean / "images.npy", mmap_mode="r")[rows]
-        teacher, _ = load_from_record(cfg.teacher_dir)
-        t_web = predict(teacher, web, **kw).argmax(1)
+        t_web = predict(teacher, web, **{**kw, "device": device}).argmax(1)  # the teacher loaded once, in run()
         metrics["agreement_heldout_web"] = round(float((predict(model, web, **kw).argmax(1) == t_web).mean()), 4)
     write_json(out / "student.json", metrics)
     confusion_image(cm, classes, out / "student_confusion.png", f"student ({meta['method']}) on {source}")
