@@ -38,6 +38,7 @@ from distill.teacher import Teacher
 from distill.trainer import Augment, Method, Runtime, Schedule, Trainer
 from pipeline.config import DistillConfig
 from pipeline.evaluate_stage import load_eval_set
+from pipeline.label_stage import read_truth
 from pipeline.outputs import write_json
 from pipeline.teacher_stage import load_from_record
 
@@ -60,18 +61,6 @@ def build_method(cfg: DistillConfig, teacher: Teacher, record: dict[str, Any]) -
         adaptive_thresholds=o.adaptive_thresholds, mix_weight=o.mix_weight, temperature=o.temperature,
         feature_weight=o.feature_weight, kd_weight=o.kd_weight, query_prior=o.query_prior,
     )  # fmt: skip
-
-
-def read_truth(path: str, keys: list[str], classes: list[str]) -> np.ndarray:
-    """Demo only: the true class index of every pool row (-1 for junk), for selection precision."""
-    index = {c: k for k, c in enumerate(classes)}
-    truth: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            t = json.loads(line)
-            if t.get("sha256"):
-                truth[t["sha256"]] = index.get(t["truth"], -1) if t["kind"] != "broken" else -1
-    return np.array([truth.get(k, -1) for k in keys], dtype=np.int64)
 
 
 def _fingerprint(cfg: DistillConfig, record: dict[str, Any], clean: Path, label: Path) -> str:

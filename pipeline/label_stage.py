@@ -85,16 +85,21 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
     return report
 
 
-def _truth_metrics(truth_path: str, kept: list[dict[str, Any]], pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """Demo only: compare pseudo-labels with the world's ground truth (junk can never be right)."""
-    truth = {}
-    with open(truth_path, encoding="utf-8") as f:
+def read_truth(path: str, keys: list[str], classes: list[str]) -> np.ndarray:
+    """Demo only: the true class index of each image by SHA-256 (-1 for junk, broken or unknown)."""
+    index = {c: k for k, c in enumerate(classes)}
+    truth: dict[str, int] = {}
+    with open(path, encoding="utf-8") as f:
         for line in f:
             t = json.loads(line)
             if t.get("sha256"):
-                truth[t["sha256"]] = t["truth"] if t["kind"] != "broken" else "broken"
-    index = {c: k for k, c in enumerate(classes)}
-    true = np.array([index.get(truth.get(k["sha256"], ""), -1) for k in kept])
+                truth[t["sha256"]] = index.get(t["truth"], -1) if t["kind"] != "broken" else -1
+    return np.array([truth.get(k, -1) for k in keys], dtype=np.int64)
+
+
+def _truth_metrics(truth_path: str, kept: list[dict[str, Any]], pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Demo only: compare pseudo-labels with the world's ground truth (junk can never be right)."""
+    true = read_truth(truth_path, [k["sha256"] for k in kept], classes)
     in_class = true >= 0
     junk = int((~in_class).sum())
     return {
