@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from crawl.classes import ClassName
 from crawl.download import Fetcher, FetchOutcome
-from crawl.manifest import ImageRecord, JsonlWriter, iter_jsonl, latest_records
+from crawl.manifest import ImageRecord, JsonlWriter, iter_jsonl, latest_records, repair_tail
 from crawl.sources import ImageSource, SourceError
 from crawl.store import DiskFullError, ObjectStore
 
@@ -121,19 +121,21 @@ class Crawler:
         self.store = ObjectStore(self.out_dir)
         self.manifest_path = self.out_dir / "manifest.jsonl"
         self.searches_path = self.out_dir / "searches.jsonl"
+        self.bad_lines: list[int] = []  # manifest lines skipped as unreadable by the last run()
 
     # ------------------------------------------------------------------------------------------
     def run(self, classes: list[ClassName]) -> list[ClassReport]:
         """Crawl every class; raise ``CrawlError`` listing classes that came back short."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with self.store:
-            latest = latest_records(self.manifest_path)
+            # repair before reading: a tail torn inside a multi-byte character must not stop the read
+            repair_tail(self.manifest_path)
+            repair_tail(self.searches_path)
+            self.bad_lines = []
+            latest = latest_records(self.manifest_path, self.bad_lines)
             # URL -> a final outcome from any class, reused instead of a second request
             known: dict[str, ImageRecord] = {r.url: r for r in latest.values() if r.is_final}
-            searches = {
-                (d["class_name"], d["engine"], d["query"], d["max_num"]): d["urls"]
-                for d in iter_jsonl(self.searches_path)
-            }
+            searches = self._read_searches()
             problems: list[str] = []
             reports: list[ClassReport] = []
             with (
@@ -154,6 +156,18 @@ class Crawler:
         if problems:
             raise CrawlError("\n".join(problems), reports)
         return reports
+
+    def _read_searches(self) -> dict[tuple[str, str, str, int], list[str]]:
+        out: dict[tuple[str, str, str, int], list[str]] = {}
+        for d in iter_jsonl(self.searches_path):
+            try:
+                key = (d["class_name"], d["engine"], d["query"], d["max_num"])
+                urls = d["urls"]
+            except KeyError:
+                continue  # not a search line: the search simply runs again
+            if isinstance(urls, list):
+                out[key] = urls
+        return out
 
     # ------------------------------------------------------------------------------------------
     def _candidates(

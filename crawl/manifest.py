@@ -1,18 +1,28 @@
 """The crawl manifest: one JSON line per (class, URL) outcome, appended as work completes.
 
 A rerun reads it back to resume: the last line for a (class, URL) pair wins, and a pair whose
-status is final (``ok`` or a terminal failure) is never requested again. Lines are written with a
-single ``write`` and flushed; a line torn by a kill is cut off when the manifest is reopened.
+status is final (``ok`` or a terminal failure) is never requested again.
+
+Reading works on bytes: a kill can cut the last line anywhere, even inside a multi-byte UTF-8
+character, so nothing is decoded before lines are split. ``repair_tail`` (run by the writer, and by
+the crawler before it reads) cuts such a torn tail; readers ignore it without touching the file. A
+bad line anywhere else (not UTF-8, not JSON, not a record) is skipped with a warning naming the
+file and line number, and counted, instead of failing every later crawl and clean.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAX_WARNINGS = 10  # per read of one file; the rest are only counted
 
 # Failures worth another try in a later run; every other failure reason is terminal (H1, H2).
 TRANSIENT_REASONS = frozenset(
@@ -51,39 +61,114 @@ class ImageRecord:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def repair_tail(path: Path) -> None:
-    """Cut a torn last line (no trailing newline) left by a kill mid-write."""
+def _complete_json(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line.decode("utf-8")), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+def _tail_start(f: Any, size: int, block: int = 64 * 1024) -> int:
+    """Offset just past the last newline of the open binary file (0 if none), read backwards."""
+    pos = size
+    while pos > 0:
+        step = min(block, pos)
+        pos -= step
+        f.seek(pos)
+        i = f.read(step).rfind(b"\n")
+        if i >= 0:
+            return pos + i + 1
+    return 0
+
+
+def repair_tail(path: Path) -> int:
+    """Make ``path`` end at a complete line; return the number of bytes cut.
+
+    Works on bytes only, so a tail cut inside a multi-byte character is handled like any other. A
+    last line that lacks only its newline but is a whole JSON object is kept (the newline is
+    added); anything else after the last newline is cut.
+    """
+    path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
-        return
+        return 0
     with open(path, "rb+") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) == b"\n":
-            return
-        f.seek(0)
-        data = f.read()
-        f.truncate(data.rfind(b"\n") + 1)
+        size = f.seek(0, os.SEEK_END)
+        start = _tail_start(f, size)
+        if start == size:
+            return 0
+        f.seek(start)
+        tail = f.read()
+        if _complete_json(tail):
+            f.write(b"\n")
+            return 0
+        f.truncate(start)
+    log.warning("%s: cut a torn last line (%d bytes) left by an interrupted write", path, size - start)
+    return size - start
 
 
-def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Yield the JSON objects of a JSONL file, skipping blank or unparsable lines."""
+def _numbered(path: Path, bad: list[int] | None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each good line; bad line numbers go to ``bad`` with a warning."""
+    path = Path(path)
     if not path.exists():
         return
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
+    found: list[int] = [] if bad is None else bad
+    before = len(found)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            torn = not raw.endswith(b"\n")
+            if not raw.strip():
                 continue
+            why = None
             try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue
+                obj = json.loads(raw.decode("utf-8"))
+                if not isinstance(obj, dict):
+                    why = "not a JSON object"
+            except UnicodeDecodeError as e:
+                why = f"not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
+            except json.JSONDecodeError as e:
+                why = f"not valid JSON ({e.msg})"
+            if why is None:
+                yield lineno, obj
+            elif torn:  # the last line, cut by a kill: expected, and repaired by the next writer
+                log.debug("%s: line %d: torn last line ignored", path, lineno)
+            else:
+                _bad_line(path, lineno, why, found, before)
+    if len(found) - before > MAX_WARNINGS:
+        log.warning("%s: %d bad lines skipped in all", path, len(found) - before)
 
 
-def latest_records(path: Path) -> dict[tuple[str, str], ImageRecord]:
-    """The last record for each (class name, url) pair (names survive a reordered class file)."""
+def _bad_line(path: Path, lineno: int, why: str, found: list[int], before: int) -> None:
+    found.append(lineno)
+    if len(found) - before <= MAX_WARNINGS:
+        log.warning("%s: line %d: %s; line skipped", path, lineno, why)
+
+
+def iter_jsonl(path: Path, bad: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    """Yield the JSON objects of a JSONL file, skipping blank lines and a torn last line.
+
+    Any other unreadable line is skipped with a warning; its number is appended to ``bad``.
+    """
+    for _, obj in _numbered(path, bad):
+        yield obj
+
+
+def latest_records(path: Path, bad: list[int] | None = None) -> dict[tuple[str, str], ImageRecord]:
+    """The last record for each (class name, url) pair (names survive a reordered class file).
+
+    Unreadable lines, and JSON objects that are not records, are skipped and listed in ``bad``.
+    """
     out: dict[tuple[str, str], ImageRecord] = {}
-    for d in iter_jsonl(path):
-        rec = ImageRecord.from_dict(d)
+    found: list[int] = [] if bad is None else bad
+    before = len(found)
+    for lineno, d in _numbered(path, found):
+        try:
+            rec = ImageRecord.from_dict(d)
+        except TypeError as e:  # a required field is missing
+            _bad_line(Path(path), lineno, f"not a manifest record ({e})", found, before)
+            continue
+        if not isinstance(rec.class_name, str) or not isinstance(rec.url, str):
+            _bad_line(Path(path), lineno, "not a manifest record (class_name and url must be strings)", found, before)
+            continue
         out[(rec.class_name, rec.url)] = rec
     return out
 
