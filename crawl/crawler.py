@@ -34,7 +34,7 @@ from crawl.classes import ClassName
 from crawl.download import Fetcher, FetchOutcome
 from crawl.manifest import ImageRecord, JsonlWriter, iter_jsonl, latest_records, repair_tail
 from crawl.sources import ImageSource, SourceError
-from crawl.store import DiskFullError, ObjectStore
+from crawl.store import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -273,15 +273,19 @@ class Crawler:
                     if out.reason == "interrupted":
                         continue  # not an outcome: the URL stays pending for the next run
                     record(c, **self._fields(out))
-        except (KeyboardInterrupt, DiskFullError):
+        except (KeyboardInterrupt, OSError):  # DiskFullError, or the manifest append failing
             self.fetcher.stop.set()
+            writable = True
             for fut, c in list(inflight.items()):
                 try:
                     out = fut.result()
-                except DiskFullError:
+                except OSError:
                     continue
-                if out.reason != "interrupted":
-                    record(c, **self._fields(out))
+                if writable and out.reason != "interrupted":
+                    try:
+                        record(c, **self._fields(out))
+                    except OSError:
+                        writable = False  # the first error is the one raised; the rest is redone next run
             raise
         finally:
             bar.close()

@@ -3,6 +3,11 @@
 A rerun reads it back to resume: the last line for a (class, URL) pair wins, and a pair whose
 status is final (``ok`` or a terminal failure) is never requested again.
 
+Writing: each line goes out whole in one ``os.write`` on an ``O_APPEND`` descriptor (looping only
+on a short write), so no buffer holds half a line. If the append fails (disk full, quota, file
+size limit, I/O error) the file is truncated back to its size before the line and the error names
+the file, so the manifest still ends at a complete line and the crawl stops with a clear message.
+
 Reading works on bytes: a kill can cut the last line anywhere, even inside a multi-byte UTF-8
 character, so nothing is decoded before lines are split. ``repair_tail`` (run by the writer, and by
 the crawler before it reads) cuts such a torn tail; readers ignore it without touching the file. A
@@ -12,6 +17,7 @@ file and line number, and counted, instead of failing every later crawl and clea
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -19,6 +25,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from crawl.store import DiskFullError
 
 log = logging.getLogger(__name__)
 
@@ -174,21 +182,51 @@ def latest_records(path: Path, bad: list[int] | None = None) -> dict[tuple[str, 
 
 
 class JsonlWriter:
-    """Append-only JSONL writer: one ``write`` + flush per line, torn tail repaired on open."""
+    """Append-only JSONL writer: each line whole in one ``os.write``, torn tail repaired on open.
+
+    A failed append is undone (the file is cut back to its previous size) and raised as
+    ``DiskFullError`` for a full disk or quota, otherwise as ``OSError``, naming the file.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         repair_tail(self.path)
-        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, obj: dict[str, Any] | ImageRecord) -> None:
+        if self._fd is None:
+            raise ValueError(f"{self.path}: writer is closed")
         d = asdict(obj) if isinstance(obj, ImageRecord) else obj
-        self._f.write(json.dumps(d, ensure_ascii=False) + "\n")
-        self._f.flush()
+        data = memoryview((json.dumps(d, ensure_ascii=False) + "\n").encode("utf-8"))
+        size = os.fstat(self._fd).st_size
+        try:
+            while data:
+                n = os.write(self._fd, data)
+                if n <= 0:  # not expected from a regular file, but never loop forever
+                    raise OSError(errno.EIO, "write returned 0")
+                data = data[n:]
+        except OSError as e:
+            raise self._undo(size, e) from e
+
+    def _undo(self, size: int, e: OSError) -> OSError:
+        """Cut the file back to ``size`` and describe the failed append (naming the file)."""
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, size)
+            state = "cut back to its last complete line"
+        except OSError:
+            state = "its last line may be torn (it is cut when the file is next opened)"
+        what = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or "write failed")
+        msg = f"{what} while appending to {self.path}; {state}"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DiskFullError(e.errno, msg)
+        return OSError(e.errno, msg)
 
     def close(self) -> None:
-        self._f.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> JsonlWriter:
         return self

@@ -98,3 +98,116 @@ def test_writer_repairs_a_torn_tail_before_appending(tmp_path: Path) -> None:
     with JsonlWriter(path) as w:
         w.write(rec("http://x/2.jpg"))
     assert [r["url"] for r in iter_jsonl(path)] == ["http://x/1.jpg", "http://x/2.jpg"]
+
+
+# --------------------------------------------------------------------------------------------
+# appends that fail part-way: a full disk, a file size limit
+# --------------------------------------------------------------------------------------------
+
+
+def short_write_then(monkeypatch: pytest.MonkeyPatch, fd: int, err: int) -> None:
+    """The next ``os.write`` on ``fd`` writes half its bytes; the one after fails with ``err``.
+
+    This is how a filling disk behaves (a short write, then ENOSPC), which a test cannot make
+    portably with a real file system.
+    """
+    import os
+
+    real = os.write
+    calls = {"n": 0}
+
+    def fake(f: int, data: bytes) -> int:
+        if f != fd:
+            return real(f, data)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real(f, bytes(data[: len(data) // 2]))
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(os, "write", fake)
+
+
+def test_disk_full_mid_line_names_the_file_and_leaves_no_torn_tail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from crawl.store import DiskFullError
+
+    path = tmp_path / "manifest.jsonl"
+    with JsonlWriter(path) as w:
+        w.write(rec("http://x/1.jpg"))
+        before = path.read_bytes()
+        short_write_then(monkeypatch, w._fd, errno.ENOSPC)  # type: ignore[arg-type]
+        with pytest.raises(DiskFullError, match=f"disk full while appending to {path}; cut back") as e:
+            w.write(rec("http://x/2.jpg", query="sac à main"))
+        assert e.value.errno == errno.ENOSPC
+        assert path.read_bytes() == before
+        monkeypatch.undo()  # space is back: the same writer goes on
+        w.write(rec("http://x/3.jpg"))
+    assert [r["url"] for r in iter_jsonl(path)] == ["http://x/1.jpg", "http://x/3.jpg"]
+
+
+def test_file_size_limit_mid_line_is_a_real_short_write(tmp_path: Path) -> None:
+    """RLIMIT_FSIZE makes the kernel itself cut a write short, then refuse (EFBIG)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "manifest.jsonl"
+    first = line(rec("http://x/1.jpg"))
+    path.write_bytes(first)
+    code = f"""
+import resource, signal
+from crawl.manifest import ImageRecord, JsonlWriter
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({len(first) + 40}, resource.RLIM_INFINITY))
+w = JsonlWriter({str(path)!r})
+try:
+    w.write(ImageRecord("Bag", 2, "bag", "mirror", 0, "http://x/" + "2" * 200, "ok"))
+except OSError as e:
+    print(e)
+"""
+    from conftest import REPO
+
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"while appending to {path}; cut back to its last complete line" in out.stdout
+    assert path.read_bytes() == first
+
+
+def test_crawl_stops_with_the_manifest_path_when_the_disk_fills(
+    tiny_world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    from crawl.store import DiskFullError
+
+    out = tmp_path / "c"
+    manifest = out / "manifest.jsonl"
+    real = os.write
+    written = {"lines": 0}
+
+    def fill_after_five(fd: int, data: bytes) -> int:
+        if os.path.realpath(f"/proc/self/fd/{fd}") != str(manifest.resolve()):
+            return real(fd, data)
+        if written["lines"] >= 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written["lines"] += 1
+        return real(fd, data)
+
+    with MirrorServer(tiny_world) as server:
+
+        def crawl() -> None:
+            ctx = SearchContext(Fetcher(LIMITS), mirror_base_url=server.base_url)  # a stopped fetcher stays stopped
+            Crawler(out, {"mirror": make_source("mirror", ctx)}, lambda c: build_queries(c.name, ["{name}"]),
+                    ctx.fetcher, workers=4, progress=False).run(CLASSES)  # fmt: skip
+
+        monkeypatch.setattr(os, "write", fill_after_five)
+        with pytest.raises(DiskFullError, match=f"appending to {manifest}"):
+            crawl()
+        monkeypatch.undo()
+        data = manifest.read_bytes()
+        assert data.endswith(b"\n") and len(data.splitlines()) == 5
+        crawl()  # space is back: the rerun finishes the crawl
+    assert len(latest_records(manifest)) == 36
