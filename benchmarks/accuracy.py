@@ -45,8 +45,8 @@ from distill.data import fashion_mnist_rgb32, resolve_device  # noqa: E402
 from distill.export import load_exported  # noqa: E402
 from distill.label import predict  # noqa: E402
 from pipeline import distill_stage  # noqa: E402
+from pipeline.artifacts import CleanSet, PseudoLabels, TeacherRecord  # noqa: E402
 from pipeline.config import DistillConfig, build, read_params  # noqa: E402
-from pipeline.teacher_stage import load_from_record  # noqa: E402
 
 # KD3_SPEC.md as written: every component on, every switch of ours off
 FAITHFUL = {"kd3": {"selection": True, "shared_classifier": True, "feature_weighting": True, "mixdistribution": True,
@@ -77,23 +77,23 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def original_pool(work: Path, n: int | None, teacher_dir: str, device: torch.device) -> tuple[str, str]:
     """A clean/label pair made of Fashion-MNIST train[30000:60000] in the teacher's own rendering."""
     clean, label = work / "orig_clean", work / "orig_label"
-    teacher, record = load_from_record(teacher_dir)
+    record = TeacherRecord.load(teacher_dir)
     if (label / "report.json").is_file() and json.loads((label / "report.json").read_text())["n"] == n:
         return str(clean), str(label)
-    raw, _ = load_fashion_mnist(
-        record.get("demo", {}).get("settings", {}).get("source", "/usr/share/datasets/fashion-mnist"), "train"
-    )
+    source = (record.demo or {}).get("settings", {}).get("source", "/usr/share/datasets/fashion-mnist")
+    raw, _ = load_fashion_mnist(source, "train")
     images = fashion_mnist_rgb32(raw[30000 : 30000 + n if n else 60000])
     clean.mkdir(parents=True, exist_ok=True)
-    label.mkdir(parents=True, exist_ok=True)
     np.save(clean / "images.npy", images)
     keys = [hashlib.sha256(im.tobytes() + i.to_bytes(4, "little")).hexdigest() for i, im in enumerate(images)]
-    (clean / "kept.jsonl").write_text("".join(json.dumps({"sha256": k}) + "\n" for k in keys))
-    teacher.to(device)
-    logits = predict(teacher, images, input_size=record["input_size"], in_chans=record["in_chans"], batch_size=512,
+    # no crawl query: class_index -1, so a query prior has nothing to say about these images
+    kept = [{"sha256": k, "path": "", "class_name": "", "class_index": -1} for k in keys]
+    CleanSet.save_index(clean, kept, {"kept": len(kept)}, record.classes)
+    teacher = record.load_teacher().to(device)
+    logits = predict(teacher, images, input_size=record.input_size, in_chans=record.in_chans, batch_size=512,
                      device=device)  # fmt: skip
-    np.save(label / "logits.npy", logits.astype(np.float16))
-    (label / "report.json").write_text(json.dumps({"teacher_sha256": record["sha256"], "n": n}))
+    report = {"teacher_sha256": record.sha256, "images_fingerprint": CleanSet.load(clean).fingerprint, "n": n}
+    PseudoLabels.save(label, logits, report)
     return str(clean), str(label)
 
 
@@ -152,8 +152,9 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
-    teacher, record = load_from_record(base.get("teacher_dir", "data/teacher"))
-    size, chans = record["input_size"], record["in_chans"]
+    record = TeacherRecord.load(base.get("teacher_dir", "data/teacher"))
+    teacher = record.load_teacher()
+    size, chans = record.input_size, record.in_chans
     raw, labels = load_fashion_mnist(base["eval"]["fashion_mnist"], "test")
     test_x = fashion_mnist_rgb32(raw)
     val = (test_x[:2000], labels[:2000])

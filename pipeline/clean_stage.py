@@ -39,21 +39,19 @@ from crawl.images import SMALL, AnalyzeParams, DecodeLimits, analyze_file
 from crawl.isolate import IsolatedPool, default_workers
 from crawl.manifest import latest_records
 from crawl.sheets import contact_sheet, grid
+from kd3util import format_table
+from pipeline.artifacts import CleanSet, CrawlStore
 from pipeline.config import CleanConfig
-from pipeline.outputs import write_json
 
 log = logging.getLogger(__name__)
 
 DECODABLE_DROPS = ("too_small", "bad_aspect", "blank", "low_information", "near_duplicate")
 
 
-def collect_objects(crawl_dir: Path) -> list[dict[str, Any]]:
+def collect_objects(store: CrawlStore) -> list[dict[str, Any]]:
     """One entry per stored object, with every (class, URL) that found it, in canonical order."""
-    manifest = crawl_dir / "manifest.jsonl"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest}: no crawl manifest (run kd3 crawl first)")
     by_sha: dict[str, list[Any]] = defaultdict(list)
-    for rec in latest_records(manifest).values():
+    for rec in latest_records(store.manifest).values():
         if rec.status == "ok" and rec.sha256 and rec.path:
             by_sha[rec.sha256].append(rec)
     objects = []
@@ -74,7 +72,8 @@ def collect_objects(crawl_dir: Path) -> list[dict[str, Any]]:
 
 def run(cfg: CleanConfig) -> dict[str, Any]:
     crawl_dir, out = Path(cfg.crawl_dir), Path(cfg.out_dir)
-    objects = collect_objects(crawl_dir)
+    store = CrawlStore.load(crawl_dir)
+    objects = collect_objects(store)
     if not objects:
         raise ValueError(f"{crawl_dir}: the crawl has no downloaded images")
     tmp = out.with_name(out.name + ".tmp")
@@ -149,11 +148,6 @@ def run(cfg: CleanConfig) -> dict[str, Any]:
         images[row] = scratch[o["i"]]
     images.flush()
     del images
-    keep_keys = ("sha256", "path", "class_name", "class_index", "classes", "query", "engine", "rank", "url",
-                 "num_urls", "format", "width", "height", "phash", "std", "entropy", "warnings")  # fmt: skip
-    with open(tmp / "kept.jsonl", "w", encoding="utf-8") as f:
-        for row, o in enumerate(kept):
-            f.write(json.dumps({"row": row, **{k: o.get(k) for k in keep_keys}}, ensure_ascii=False) + "\n")
     dropped.sort(key=lambda o: o["i"])
     drop_keys = (
         "sha256",
@@ -182,7 +176,7 @@ def run(cfg: CleanConfig) -> dict[str, Any]:
     report = _report(objects, kept, dropped, clusters, workers, replaced, analysed_s, search_s, time.time() - started)
     report["near_duplicate_candidates"] = candidates
     report["near_duplicate_pairs_verified"] = len(pairs)
-    write_json(tmp / "report.json", report)
+    CleanSet.save_index(tmp, kept, report, store.classes)
     del scratch, small
     (tmp / "scratch.npy").unlink()
     (tmp / "small.npy").unlink()
@@ -250,24 +244,12 @@ def _report(
 
 def _table(report: dict[str, Any]) -> str:
     reasons = list(report["dropped_by_reason"])
-    head = ["class", "objects", "kept", *reasons]
-    rows = [head]
+    rows: list[list[Any]] = [["class", "objects", "kept", *reasons]]
     for c in report["classes"]:
-        rows.append(
-            [c["name"][:30], str(c["objects"]), str(c["kept"]), *(str(c["dropped"].get(r, 0)) for r in reasons)]
-        )
-    rows.append(
-        ["TOTAL", str(report["objects"]), str(report["kept"]), *(str(report["dropped_by_reason"][r]) for r in reasons)]
-    )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-        for r in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.insert(len(lines) - 1, lines[1])
+        rows.append([c["name"][:30], c["objects"], c["kept"], *(c["dropped"].get(r, 0) for r in reasons)])
+    rows.append(["TOTAL", report["objects"], report["kept"], *(report["dropped_by_reason"][r] for r in reasons)])
     r = report
     tail = (f"clean: kept {r['kept']} of {r['objects']} images, {r['near_duplicate_clusters']} duplicate clusters; "
             f"analysis {r['images_per_second']} images/s on {r['workers']} workers, "
             f"near-duplicate search {r['dedup_search_seconds']} s")  # fmt: skip
-    return "\n".join([*lines, tail])
+    return format_table(rows, rules=(1, -1)) + "\n" + tail

@@ -22,8 +22,9 @@ from crawl.crawler import ClassReport, Crawler, CrawlError, peak_rss_mb, summary
 from crawl.download import Fetcher, HttpLimits
 from crawl.mirror import MirrorServer
 from crawl.sources import SearchContext, make_source
+from kd3util import write_json
+from pipeline.artifacts import CrawlStore
 from pipeline.config import CrawlConfig, parse_shard
-from pipeline.outputs import write_json
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def run(cfg: CrawlConfig) -> list[ClassReport]:
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise PermissionError(f"{out}: output folder is not writable")
-    write_json(out / "classes.json", [{"index": c.index, "name": c.name, "slug": c.slug} for c in classes])
+    CrawlStore.save_classes(out, classes)
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     started = time.time()

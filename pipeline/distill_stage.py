@@ -36,17 +36,16 @@ from distill.label import predict
 from distill.models import build_model
 from distill.teacher import Teacher
 from distill.trainer import Augment, Method, Runtime, Schedule, Trainer
+from kd3util import atomic_path, write_json
+from pipeline.artifacts import CleanSet, PseudoLabels, TeacherRecord, WorldTruth, check_classes
 from pipeline.config import DistillConfig
-from pipeline.evaluate_stage import load_eval_set
-from pipeline.label_stage import read_truth
-from pipeline.outputs import write_json
-from pipeline.teacher_stage import load_from_record
+from pipeline.evalset import load_eval_set
 
 log = logging.getLogger(__name__)
 
 
-def build_method(cfg: DistillConfig, teacher: Teacher, record: dict[str, Any]) -> Method:
-    k, size, chans = len(record["classes"]), record["input_size"], record["in_chans"]
+def build_method(cfg: DistillConfig, teacher: Teacher, record: TeacherRecord) -> Method:
+    k, size, chans = len(record.classes), record.input_size, record.in_chans
     student = build_model(cfg.student, k, chans)
     if cfg.method == "kd":
         return KDMethod(teacher, student, cfg.kd.temperature, cfg.kd.query_prior)
@@ -63,13 +62,14 @@ def build_method(cfg: DistillConfig, teacher: Teacher, record: dict[str, Any]) -
     )  # fmt: skip
 
 
-def _fingerprint(cfg: DistillConfig, record: dict[str, Any], clean: Path, label: Path) -> str:
+def _fingerprint(cfg: DistillConfig, record: TeacherRecord, clean: CleanSet, labels: PseudoLabels) -> str:
+    """What a resumable checkpoint must agree with: the settings that shape training, and the data."""
     runtime_only = {"device", "out_dir", "metrics_dir", "truth", "eval", "nan_policy", "compile"}
     settings = {k: v for k, v in asdict(cfg).items() if k not in runtime_only}
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    h.update(record["sha256"].encode())
-    for f in (clean / "kept.jsonl", label / "logits.npy"):
-        h.update(hashlib.sha256(f.read_bytes()).digest())
+    h.update(record.sha256.encode())
+    h.update((clean.dir / "kept.jsonl").read_bytes())
+    h.update(np.ascontiguousarray(labels.logits).tobytes())
     return h.hexdigest()
 
 
@@ -89,12 +89,10 @@ def _write_epochs_csv(history: list[dict[str, Any]], path: Path) -> None:
     cols: list[str] = []
     for row in history:
         cols += [k for k, v in row.items() if k not in cols and not isinstance(v, (dict, list))]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(history)
-    os.replace(tmp, path)
 
 
 def _selection_sheets(trainer: Trainer, images: np.ndarray, classes: list[str], folder: Path, per: int = 10) -> None:
@@ -123,26 +121,20 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
 
 
 def _run(cfg: DistillConfig, device: torch.device) -> dict[str, Any]:
-    teacher, record = load_from_record(cfg.teacher_dir)
-    classes, size, chans = record["classes"], record["input_size"], record["in_chans"]
-    clean, label, out = Path(cfg.clean_dir), Path(cfg.label_dir), Path(cfg.out_dir)
-    for f in (clean / "images.npy", clean / "kept.jsonl", label / "logits.npy", label / "report.json"):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: missing (run kd3 clean and kd3 label first)")
-    if json.loads((label / "report.json").read_text()).get("teacher_sha256") != record["sha256"]:
-        raise ValueError(f"{label}: labelled by another teacher than {cfg.teacher_dir} (run kd3 label)")
-    images = np.load(clean / "images.npy", mmap_mode="r")
-    kept = [json.loads(line) for line in (clean / "kept.jsonl").read_text(encoding="utf-8").splitlines()]
-    keys = [k["sha256"] for k in kept]
-    # the class each image was crawled for (-1: found by several classes' queries, or unknown)
-    queries = np.array([k.get("class_index", -1) if len(k.get("classes", [])) <= 1 else -1 for k in kept])
-    logits = np.load(label / "logits.npy").astype(np.float32)
-    if not len(images) == len(keys) == len(logits):
-        raise ValueError(f"{clean}, {label}: {len(images)} images, {len(keys)} kept lines, {len(logits)} logit rows")
+    record = TeacherRecord.load(cfg.teacher_dir)
+    clean = CleanSet.load(cfg.clean_dir)
+    check_classes(record.classes, clean.classes, f"the teacher ({cfg.teacher_dir})", f"the crawl ({clean.dir})")
+    labels = PseudoLabels.load(cfg.label_dir, clean, record)
+    teacher = record.load_teacher()
+    classes, size, chans = record.classes, record.input_size, record.in_chans
+    out = Path(cfg.out_dir)
+    images, keys = clean.images, clean.keys
+    queries = clean.query_classes  # the class each image was crawled for (-1: several classes, or unknown)
+    logits = labels.logits.astype(np.float32)
     held = holdout_mask(keys, cfg.holdout)
     if (~held).sum() < cfg.batch_size:
-        raise ValueError(f"{clean}: {int((~held).sum())} training images, fewer than one batch ({cfg.batch_size})")
-    truth = read_truth(cfg.truth, keys, classes) if cfg.truth else None
+        raise ValueError(f"{clean.dir}: {int((~held).sum())} training images, fewer than one batch ({cfg.batch_size})")
+    truth = WorldTruth.load(cfg.truth).labels(keys, classes) if cfg.truth else None
     teacher.to(device)
 
     evaluate = None
@@ -170,12 +162,12 @@ def _run(cfg: DistillConfig, device: torch.device) -> dict[str, Any]:
         runtime=Runtime(device=device, amp=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile,
                         nan_policy=cfg.nan_policy),
         seed=cfg.seed, train_rows=~held, checkpoint=out / "checkpoint.pt",
-        fingerprint=_fingerprint(cfg, record, clean, label), selection_view=cfg.kd3.selection_view,
+        fingerprint=_fingerprint(cfg, record, clean, labels), selection_view=cfg.kd3.selection_view,
         evaluate=evaluate, truth=truth, queries=queries,
         on_epoch=lambda row: _write_epochs_csv(trainer.history, metrics_dir / "distill_epochs.csv"),
     )  # fmt: skip
     describe = getattr(method, "describe", lambda: method.name)()
-    print(f"distill: {cfg.method} {cfg.student} <- {record.get('arch') or 'teacher'}, {int((~held).sum())} "
+    print(f"distill: {cfg.method} {cfg.student} <- {record.arch or 'teacher'}, {int((~held).sum())} "
           f"training images ({int(held.sum())} held out), {cfg.epochs} epochs on {device}"
           + (f", resuming at epoch {trainer.epoch + 1}" if trainer.resumed else "") + f"\n  {describe}",
           file=sys.stderr)  # fmt: skip
@@ -183,8 +175,8 @@ def _run(cfg: DistillConfig, device: torch.device) -> dict[str, Any]:
     if trainer.rank != 0:
         return {}
     meta = {"method": cfg.method, "student": cfg.student, "classes": classes, "input_size": size, "in_chans": chans,
-            "mean": record["mean"], "std": record["std"], "input": "float RGB in [0, 1], (B, C, S, S)",
-            "teacher_sha256": record["sha256"], "holdout": cfg.holdout, "clean_dir": cfg.clean_dir}  # fmt: skip
+            "mean": record.mean, "std": record.std, "input": "float RGB in [0, 1], (B, C, S, S)",
+            "teacher_sha256": record.sha256, "holdout": cfg.holdout, "clean_dir": cfg.clean_dir}  # fmt: skip
     export = export_student(method.student, out, meta)
     last = history[-1]
     summary = {

@@ -7,9 +7,7 @@ against the world's truth: a report only, training never reads it); ``confidence
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,30 +19,26 @@ from tqdm import tqdm
 from distill.data import resolve_device
 from distill.label import predict, softmax
 from distill.plots import bar_chart
+from pipeline.artifacts import CleanSet, KeptImage, PseudoLabels, TeacherRecord, WorldTruth, check_classes
 from pipeline.config import LabelConfig
-from pipeline.outputs import write_json
-from pipeline.teacher_stage import load_from_record
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: LabelConfig) -> dict[str, Any]:
-    teacher, record = load_from_record(cfg.teacher_dir)
-    clean = Path(cfg.clean_dir)
-    if not (clean / "images.npy").is_file():
-        raise FileNotFoundError(f"{clean / 'images.npy'}: no packed images (run kd3 clean first)")
-    images = np.load(clean / "images.npy", mmap_mode="r")
-    kept = [json.loads(line) for line in (clean / "kept.jsonl").read_text(encoding="utf-8").splitlines()]
-    if len(kept) != len(images):
-        raise ValueError(f"{clean}: kept.jsonl has {len(kept)} lines but images.npy has {len(images)} rows")
+    record = TeacherRecord.load(cfg.teacher_dir)
+    clean = CleanSet.load(cfg.clean_dir)
+    check_classes(record.classes, clean.classes, f"the teacher ({cfg.teacher_dir})", f"the crawl ({clean.dir})")
+    teacher = record.load_teacher()
+    images = clean.images
     device = resolve_device(cfg.device)
     teacher.to(device)
-    classes = record["classes"]
+    classes = record.classes
     bar = tqdm(
         total=len(images), desc="label", unit="img", file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 10
     )
     t0 = time.time()
-    logits = predict(teacher, images, input_size=record["input_size"], in_chans=record["in_chans"],
+    logits = predict(teacher, images, input_size=record.input_size, in_chans=record.in_chans,
                      batch_size=cfg.batch_size, device=device, progress=bar.update)  # fmt: skip
     seconds = time.time() - t0
     bar.close()
@@ -53,14 +47,12 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
     prob = softmax(logits)
     pred, conf = prob.argmax(1), prob.max(1)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "logits.tmp.npy"
-    np.save(tmp, logits.astype(np.float16))
-    os.replace(tmp, out / "logits.npy")
     hist, edges = np.histogram(conf, bins=20, range=(0.0, 1.0))
     report: dict[str, Any] = {
         "images": len(images),
-        "teacher_sha256": record["sha256"],
+        "teacher_sha256": record.sha256,
+        "images_fingerprint": clean.fingerprint,
+        "classes": classes,
         "device": str(device),
         "images_per_second": round(len(images) / max(seconds, 1e-9), 1),
         "per_class": {c: int((pred == k).sum()) for k, c in enumerate(classes)},
@@ -70,8 +62,8 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
         "confidence_histogram": hist.tolist(),
     }
     if cfg.truth:
-        report["demo_truth"] = _truth_metrics(cfg.truth, kept, pred, classes)
-    write_json(out / "report.json", report)
+        report["demo_truth"] = _truth_metrics(WorldTruth.load(cfg.truth), clean.kept, pred, classes)
+    PseudoLabels.save(out, logits, report)
     bar_chart(
         hist.tolist(), [f"{e:.2f}" for e in edges[:-1]], out / "confidence.png", "teacher confidence on the web pool"
     )
@@ -85,21 +77,11 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
     return report
 
 
-def read_truth(path: str, keys: list[str], classes: list[str]) -> np.ndarray:
-    """Demo only: the true class index of each image by SHA-256 (-1 for junk, broken or unknown)."""
-    index = {c: k for k, c in enumerate(classes)}
-    truth: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            t = json.loads(line)
-            if t.get("sha256"):
-                truth[t["sha256"]] = index.get(t["truth"], -1) if t["kind"] != "broken" else -1
-    return np.array([truth.get(k, -1) for k in keys], dtype=np.int64)
-
-
-def _truth_metrics(truth_path: str, kept: list[dict[str, Any]], pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
+def _truth_metrics(
+    truth: WorldTruth, kept: tuple[KeptImage, ...], pred: np.ndarray, classes: list[str]
+) -> dict[str, Any]:
     """Demo only: compare pseudo-labels with the world's ground truth (junk can never be right)."""
-    true = read_truth(truth_path, [k["sha256"] for k in kept], classes)
+    true = truth.labels([k.sha256 for k in kept], classes)
     in_class = true >= 0
     junk = int((~in_class).sum())
     return {

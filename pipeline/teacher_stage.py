@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,19 +25,12 @@ from crawl.world import load_fashion_mnist
 from distill.data import fashion_mnist_rgb32, resolve_device
 from distill.models import build_model
 from distill.supervised import train_classifier
-from distill.teacher import Teacher, TeacherSpec, load_teacher
+from distill.teacher import load_teacher
+from kd3util import atomic_path, sha256_file
+from pipeline.artifacts import TeacherRecord
 from pipeline.config import TeacherConfig
-from pipeline.outputs import write_json
 
 log = logging.getLogger(__name__)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _demo_teacher(cfg: TeacherConfig, num_classes: int, out: Path) -> tuple[Path, dict[str, Any]]:
@@ -47,12 +39,11 @@ def _demo_teacher(cfg: TeacherConfig, num_classes: int, out: Path) -> tuple[Path
     settings = {"arch": cfg.arch, "num_classes": num_classes, "input_size": cfg.input_size, "mean": cfg.mean,
                 "std": cfg.std, **asdict(cfg.demo)}  # fmt: skip
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    old_path = out / "teacher.json"
-    if ckpt.is_file() and old_path.is_file():
-        old = json.loads(old_path.read_text())
-        if old.get("demo", {}).get("key") == key and old.get("sha256") == sha256_file(ckpt):
+    if ckpt.is_file() and (out / TeacherRecord.FILE).is_file():
+        old = TeacherRecord.load(out)
+        if old.demo and old.demo.get("key") == key and old.sha256 == sha256_file(ckpt):
             log.info("teacher: demo teacher up to date (%s)", key)
-            return ckpt, old["demo"]
+            return ckpt, old.demo
     d = cfg.demo
     images, labels = load_fashion_mnist(d.source, "train")
     if int(labels.max()) + 1 != num_classes:
@@ -64,32 +55,12 @@ def _demo_teacher(cfg: TeacherConfig, num_classes: int, out: Path) -> tuple[Path
         model, x, y, mean=cfg.mean, std=cfg.std, input_size=cfg.input_size, epochs=d.epochs,
         batch_size=d.batch_size, lr=d.lr, weight_decay=d.weight_decay, seed=d.seed, device=resolve_device(cfg.device),
     )  # fmt: skip
-    tmp = ckpt.with_suffix(".tmp")
-    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, ckpt)  # atomic: a kill never leaves a torn checkpoint under the final name
+    with atomic_path(ckpt) as tmp:  # a kill never leaves a torn checkpoint under the final name
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
     return ckpt, {"key": key, "settings": settings, "history": history}
 
 
-def teacher_spec(record: dict[str, Any]) -> TeacherSpec:
-    return TeacherSpec(checkpoint=record["checkpoint"], num_classes=len(record["classes"]), format=record["format"],
-                       arch=record.get("arch"), in_chans=record["in_chans"], feature_layer=record.get("feature_layer"),
-                       classifier_layer=record.get("classifier_layer"))  # fmt: skip
-
-
-def load_from_record(teacher_dir: str | Path) -> tuple[Teacher, dict[str, Any]]:
-    """The frozen teacher described by ``<teacher_dir>/teacher.json`` (checked against its SHA-256)."""
-    path = Path(teacher_dir) / "teacher.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no teacher record (run kd3 teacher first)")
-    record = json.loads(path.read_text())
-    ckpt = Path(record["checkpoint"])
-    if ckpt.is_file() and sha256_file(ckpt) != record["sha256"]:
-        raise ValueError(f"{ckpt}: changed since the teacher stage ran (run kd3 teacher / dvc repro)")
-    teacher = load_teacher(teacher_spec(record), record["mean"], record["std"], record["input_size"])
-    return teacher, record
-
-
-def run(cfg: TeacherConfig) -> dict[str, Any]:
+def run(cfg: TeacherConfig) -> TeacherRecord:
     classes = [c.name for c in read_classes(cfg.classes)]
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,25 +70,14 @@ def run(cfg: TeacherConfig) -> dict[str, Any]:
         fmt = "state_dict"
     else:
         ckpt, fmt = Path(cfg.checkpoint), cfg.format
-    record: dict[str, Any] = {
-        "format": fmt,
-        "arch": cfg.arch if fmt == "state_dict" else None,
-        "classes": classes,
-        "input_size": cfg.input_size,
-        "in_chans": cfg.in_chans,
-        "feature_layer": cfg.feature_layer,
-        "classifier_layer": cfg.classifier_layer,
-        "mean": cfg.mean,
-        "std": cfg.std,
-        "checkpoint": str(ckpt),
-    }
-    spec = teacher_spec(record)
-    spec = TeacherSpec(**{**asdict(spec), "max_bytes": cfg.max_bytes, "memory_limit_mb": cfg.memory_limit_mb})
-    load_teacher(spec, cfg.mean, cfg.std, cfg.input_size)  # every check of RELIABILITY.md section 3
-    record["sha256"] = sha256_file(ckpt)
-    record["bytes"] = ckpt.stat().st_size
-    if demo is not None:
-        record["demo"] = demo
-    write_json(out / "teacher.json", record)
-    log.info("teacher: %s %s, %d classes, sha256 %s", fmt, record["arch"] or "", len(classes), record["sha256"][:12])
+    record = TeacherRecord(
+        format=fmt, arch=cfg.arch if fmt == "state_dict" else None, classes=classes, input_size=cfg.input_size,
+        in_chans=cfg.in_chans, mean=cfg.mean, std=cfg.std, checkpoint=str(ckpt), sha256=sha256_file(ckpt),
+        bytes=ckpt.stat().st_size, feature_layer=cfg.feature_layer, classifier_layer=cfg.classifier_layer, demo=demo,
+    )  # fmt: skip
+    # every check of the loader: format, safety, architecture, outputs, finite weights
+    load_teacher(record.spec(max_bytes=cfg.max_bytes, memory_limit_mb=cfg.memory_limit_mb), cfg.mean, cfg.std,
+                 cfg.input_size)  # fmt: skip
+    record.save(out)
+    log.info("teacher: %s %s, %d classes, sha256 %s", fmt, record.arch or "", len(classes), record.sha256[:12])
     return record

@@ -16,6 +16,7 @@ from crawl.download import Fetcher, HttpLimits
 from crawl.mirror import MirrorServer
 from crawl.sources import SearchContext, make_source
 from pipeline import clean_stage
+from pipeline.artifacts import ArtifactError, CrawlStore
 from pipeline.config import CleanConfig
 
 from conftest import TINY_CLASSES, read_jsonl
@@ -29,8 +30,10 @@ def crawled(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("crawl") / "crawl"
     with MirrorServer(tiny_world) as server:
         ctx = SearchContext(Fetcher(LIMITS), mirror_base_url=server.base_url)
+        classes = parse_classes("\n".join(TINY_CLASSES))
         Crawler(out, {"mirror": make_source("mirror", ctx)}, lambda c: build_queries(c.name, ["{name}"]), ctx.fetcher,
-                workers=4, per_class=100, progress=False).run(parse_classes("\n".join(TINY_CLASSES)))  # fmt: skip
+                workers=4, per_class=100, progress=False).run(classes)  # fmt: skip
+    CrawlStore.save_classes(out, classes)
     return out
 
 
@@ -126,5 +129,5 @@ def test_an_object_found_by_two_classes_is_one_image(crawled: Path, tmp_path: Pa
 
 
 def test_missing_crawl_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no crawl manifest"):
+    with pytest.raises(ArtifactError, match="no crawl manifest"):
         clean(tmp_path / "nowhere", tmp_path / "clean")

@@ -25,6 +25,7 @@ from distill.export import load_exported
 from distill.models import build_model
 from distill.supervised import train_classifier
 from pipeline import label_stage, teacher_stage
+from pipeline.artifacts import CleanSet
 from pipeline.cli import app
 from pipeline.config import LabelConfig, TeacherConfig
 
@@ -52,7 +53,9 @@ def stage_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "clean").mkdir()
     np.save(root / "clean" / "images.npy", pool)
     keys = [hashlib.sha256(im.tobytes() + bytes([i])).hexdigest() for i, im in enumerate(pool)]
-    (root / "clean" / "kept.jsonl").write_text("".join(json.dumps({"sha256": k}) + "\n" for k in keys))
+    kept = [{"sha256": k, "path": f"objects/{k}.png", "class_name": TINY_CLASSES[c], "class_index": int(c),
+             "classes": [TINY_CLASSES[c]]} for k, c in zip(keys, labels, strict=True)]  # fmt: skip
+    CleanSet.save_index(root / "clean", kept, {"kept": len(kept)}, TINY_CLASSES)
     label_stage.run(LabelConfig(clean_dir=str(root / "clean"), teacher_dir=str(root / "teacher"),
                                 out_dir=str(root / "label"), device="cpu"))  # fmt: skip
     for k, name in enumerate(TINY_CLASSES):

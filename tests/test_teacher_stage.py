@@ -30,8 +30,8 @@ def test_demo_teacher_trains_once_then_is_reused(tmp_path: Path) -> None:
     demo = DemoTeacherConfig(source=str(tmp_path / "fm"), first=0, last=60, epochs=1, batch_size=32)
     cfg = TeacherConfig(classes=str(tmp_path / "classes.txt"), out_dir=str(tmp_path / "t"), demo=demo, device="cpu")
     record = teacher_stage.run(cfg)
-    assert record["format"] == "state_dict" and record["classes"] == TINY_CLASSES
-    assert record["demo"]["settings"]["last"] == 60 and len(record["demo"]["history"]) == 1
+    assert record.format == "state_dict" and record.classes == TINY_CLASSES
+    assert record.demo["settings"]["last"] == 60 and len(record.demo["history"]) == 1
     first = (tmp_path / "t" / "teacher.json").read_bytes()
     mtime = (tmp_path / "t" / "teacher.pt").stat().st_mtime_ns
     teacher_stage.run(cfg)

@@ -1,0 +1,81 @@
+"""Small utilities every package shares: atomic writes, file hashing and plain-text tables.
+
+Dependency-free (standard library only), so ``crawl/`` (no torch), ``distill/`` (no DVC) and
+``pipeline/`` can all import it. Every writer here follows one rule: the bytes go to a temporary
+file beside the target, which is renamed into place only when complete, so a kill or a full disk
+never leaves a half-written file under a final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_path", "format_table", "sha256_file", "write_bytes", "write_json", "write_text"]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error remove it.
+
+    For writers that need a file name (``np.save``, ``torch.save``): ``with atomic_path(p) as tmp:
+    torch.save(obj, tmp)``. The temporary name keeps the suffix, so libraries that add one do not.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented UTF-8 JSON, atomically."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks (constant memory for any size)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def format_table(rows: Sequence[Sequence[Any]], *, rules: Sequence[int] = (1,)) -> str:
+    """Rows of cells as aligned text: the first column left-aligned, the others right-aligned.
+
+    ``rules`` lists the row indices before which a dashed line goes (default: under the header;
+    a negative index counts from the end, so ``(1, -1)`` also sets off a total row).
+    """
+    cells = [[str(c) for c in row] for row in rows]
+    if not cells:
+        return ""
+    width = [max(len(r[i]) for r in cells if i < len(r)) for i in range(max(map(len, cells)))]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, width, strict=False)))
+        for r in cells
+    ]
+    rule = "  ".join("-" * w for w in width)
+    for at in sorted({r % len(lines) if r < 0 else r for r in rules}, reverse=True):
+        lines.insert(at, rule)
+    return "\n".join(line.rstrip() for line in lines)
