@@ -6,12 +6,16 @@ thread pool until the class has ``per_class`` images or runs out of candidates. 
 is appended to files in ``out_dir`` as it happens:
 
 - ``searches.jsonl``: the URL list each (class, engine, query) search returned, so a rerun does
-  not query the engines again;
+  not query the engines again (keyed by the engine's ``cache_key`` too where it has one: the
+  ``urls`` engine's is the sha256 of its file, so an edited file is read again);
 - ``manifest.jsonl``: one line per (class, URL) outcome (``crawl.manifest.ImageRecord``);
 - ``objects/``: the images, content-addressed (``crawl.store``).
 
-A rerun reads both files back and requests only URLs that have not reached a final state. A URL
-already fetched for another class is recorded for this class too, without a second request.
+A rerun reads both files back and requests only URLs that have not reached a final state (the
+report counts the others as ``skipped_ok`` / ``skipped_failed``); with ``retry_failed`` it also
+requests again URLs whose last outcome was a final failure (a 404 that may have come back, a page
+that now serves an image). A URL already fetched for another class is recorded for this class
+too, without a second request.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ class CrawlError(RuntimeError):
         self.reports = reports or []
 
 
+SearchKey = tuple[str, str, str, int, str]  # class name, engine, query, max_num, engine cache key
+
+
 @dataclass
 class Candidate:
     url: str
@@ -66,6 +73,8 @@ class ClassReport:
     new: int = 0  # of which in this run
     requests: int = 0  # image URLs requested over the network in this run
     searches: int = 0  # engine searches run in this run (a rerun reuses searches.jsonl)
+    skipped_ok: int = 0  # candidates not requested: an earlier run downloaded them
+    skipped_failed: int = 0  # ... an earlier run recorded a final failure (see retry_failed)
     failed: Counter[str] = field(default_factory=Counter)  # reason -> URLs
 
     def as_dict(self) -> dict[str, Any]:
@@ -77,6 +86,8 @@ class ClassReport:
             "new": self.new,
             "requests": self.requests,
             "searches": self.searches,
+            "skipped_ok": self.skipped_ok,
+            "skipped_failed": self.skipped_failed,
             "failed": dict(sorted(self.failed.items())),
         }
 
@@ -107,6 +118,7 @@ class Crawler:
         per_class: int = 100,
         oversample: float = 1.5,
         min_per_class: int = 1,
+        retry_failed: bool = False,
         progress: bool = True,
     ) -> None:
         self.out_dir = Path(out_dir)
@@ -117,6 +129,7 @@ class Crawler:
         self.per_class = per_class
         self.oversample = oversample
         self.min_per_class = min_per_class
+        self.retry_failed = retry_failed  # request again URLs whose last outcome is a final failure
         self.progress = progress
         self.store = ObjectStore(self.out_dir)
         self.manifest_path = self.out_dir / "manifest.jsonl"
@@ -134,7 +147,7 @@ class Crawler:
             self.bad_lines = []
             latest = latest_records(self.manifest_path, self.bad_lines)
             # URL -> a final outcome from any class, reused instead of a second request
-            known: dict[str, ImageRecord] = {r.url: r for r in latest.values() if r.is_final}
+            known: dict[str, ImageRecord] = {r.url: r for r in latest.values() if self._done(r)}
             searches = self._read_searches()
             problems: list[str] = []
             reports: list[ClassReport] = []
@@ -157,11 +170,15 @@ class Crawler:
             raise CrawlError("\n".join(problems), reports)
         return reports
 
-    def _read_searches(self) -> dict[tuple[str, str, str, int], list[str]]:
-        out: dict[tuple[str, str, str, int], list[str]] = {}
+    def _done(self, r: ImageRecord) -> bool:
+        """Whether an earlier outcome stands (is not requested again in this run)."""
+        return r.is_final and (r.status == "ok" or not self.retry_failed)
+
+    def _read_searches(self) -> dict[SearchKey, list[str]]:
+        out: dict[SearchKey, list[str]] = {}
         for d in iter_jsonl(self.searches_path):
             try:
-                key = (d["class_name"], d["engine"], d["query"], d["max_num"])
+                key = (d["class_name"], d["engine"], d["query"], d["max_num"], d.get("cache_key", ""))
                 urls = d["urls"]
             except KeyError:
                 continue  # not a search line: the search simply runs again
@@ -173,7 +190,7 @@ class Crawler:
     def _candidates(
         self,
         cls: ClassName,
-        searches: dict[tuple[str, str, str, int], list[str]],
+        searches: dict[SearchKey, list[str]],
         search_log: JsonlWriter,
         report: ClassReport,
         problems: list[str],
@@ -183,8 +200,9 @@ class Crawler:
         lists: list[list[Candidate]] = []
         for engine, source in self.sources.items():
             engine_urls: set[str] = set()
+            cache_key = str(getattr(source, "cache_key", "") or "")
             for query in queries:
-                key = (cls.name, engine, query, max_num)
+                key = (cls.name, engine, query, max_num, cache_key)
                 urls = searches.get(key)
                 if urls is None:
                     report.searches += 1
@@ -194,10 +212,10 @@ class Crawler:
                         problems.append(f"class {cls.name!r}, engine {engine}: {e}")
                         continue
                     searches[key] = urls
-                    search_log.write(
-                        {"class_name": cls.name, "engine": engine, "query": query, "max_num": max_num, "urls": urls,
-                         "time": time.time()}
-                    )  # fmt: skip
+                    line = {"class_name": cls.name, "engine": engine, "query": query, "max_num": max_num}
+                    if cache_key:
+                        line["cache_key"] = cache_key
+                    search_log.write({**line, "urls": urls, "time": time.time()})
                 lists.append([Candidate(u, engine, query, rank) for rank, u in enumerate(urls)])
                 engine_urls.update(urls)
             report.candidates[engine] = len(engine_urls)
@@ -221,7 +239,15 @@ class Crawler:
         for r in mine.values():
             if r.status != "ok":
                 report.failed[r.reason or "unknown"] += 1
-        todo = [c for c in candidates if not (c.url in mine and mine[c.url].is_final)]
+        todo = []
+        for c in candidates:
+            prior = mine.get(c.url)
+            if prior is None or not self._done(prior):
+                todo.append(c)
+            elif prior.status == "ok":
+                report.skipped_ok += 1
+            else:
+                report.skipped_failed += 1
         bar = tqdm(
             total=self.per_class,
             initial=min(report.downloaded, self.per_class),
@@ -317,18 +343,25 @@ def peak_rss_mb() -> float:
 
 
 def summary_table(reports: list[ClassReport]) -> str:
-    """A fixed-width table: one row per class and a total row."""
-    rows = [("class", "found", "downloaded", "new", "requests", "failed", "top failure reasons")]
+    """A fixed-width table: one row per class and a total row.
+
+    ``skipped ok`` / ``skipped failed`` count candidates not requested because an earlier run
+    finished them (so a rerun that requests nothing says why).
+    """
+    rows = [("class", "found", "downloaded", "new", "requests", "skipped ok", "skipped failed", "failed",
+             "top failure reasons")]  # fmt: skip
     total_failed: Counter[str] = Counter()
     for r in reports:
         total_failed.update(r.failed)
         top = ", ".join(f"{k} {v}" for k, v in r.failed.most_common(3))
         rows.append((r.name[:30], str(sum(r.candidates.values())), str(r.downloaded), str(r.new),
-                     str(r.requests), str(sum(r.failed.values())), top))  # fmt: skip
+                     str(r.requests), str(r.skipped_ok), str(r.skipped_failed), str(sum(r.failed.values())),
+                     top))  # fmt: skip
     top = ", ".join(f"{k} {v}" for k, v in total_failed.most_common(4))
     found = sum(sum(r.candidates.values()) for r in reports)
     rows.append(("TOTAL", str(found), str(sum(r.downloaded for r in reports)), str(sum(r.new for r in reports)),
-                 str(sum(r.requests for r in reports)), str(sum(total_failed.values())), top))  # fmt: skip
+                 str(sum(r.requests for r in reports)), str(sum(r.skipped_ok for r in reports)),
+                 str(sum(r.skipped_failed for r in reports)), str(sum(total_failed.values())), top))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):

@@ -15,6 +15,7 @@ offline mirror, so the demo and the tests run the same parsing code a real crawl
 from __future__ import annotations
 
 import abc
+import hashlib
 import html
 import json
 import queue
@@ -53,7 +54,12 @@ class SearchContext:
 
 
 class ImageSource(Protocol):
-    """A search engine: ranked candidate URLs for one query of one class."""
+    """A search engine: ranked candidate URLs for one query of one class.
+
+    An engine may also have a ``cache_key`` string attribute: the crawler keys its saved
+    searches (``searches.jsonl``) by it too, so a search saved under another key is run again.
+    The ``urls`` engine sets it to the sha256 of its file, so an edited file is read again.
+    """
 
     name: str
 
@@ -308,8 +314,11 @@ class UrlListSource:
         path = Path(ctx.urls_file)
         if not path.is_file():
             raise SourceError(f"engine urls: {path}: file not found")
+        data = path.read_bytes()
+        # saved searches are keyed by the content, so an edited file is read again on a rerun
+        self.cache_key = "sha256:" + hashlib.sha256(data).hexdigest()
         self.by_class: dict[str, list[str]] = {}
-        for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        for lineno, line in enumerate(data.decode("utf-8-sig").splitlines(), start=1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             parts = line.rsplit("\t", 1)

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 
 from crawl.classes import build_queries, parse_classes
-from crawl.crawler import Crawler, CrawlError
+from crawl.crawler import Crawler, CrawlError, summary_table
 from crawl.download import Fetcher, HttpLimits
 from crawl.manifest import latest_records
 from crawl.mirror import MirrorServer
 from crawl.sources import SearchContext, make_source
 from crawl.store import ObjectStore, StoreLockedError
 
-from conftest import REPO, TINY_CLASSES, HostileServer, jpeg_bytes, make_world, read_jsonl, respond
+from conftest import REPO, TINY_CLASSES, HostileServer, jpeg_bytes, make_world, read_jsonl, respond, sequence
 
 LIMITS = HttpLimits(per_host_concurrency=4, per_host_delay_s=0.0, retries=2, backoff_s=0.01, read_timeout_s=2.0)
 CLASSES = parse_classes("\n".join(TINY_CLASSES))
@@ -155,6 +155,56 @@ def test_torn_manifest_line_and_stale_temp_files_are_repaired(mirror: MirrorServ
     assert len(image_requests(mirror, n)) == 1  # only the URL whose line was torn
     assert not list((tmp_path / "c" / "tmp").iterdir())
     assert all(json.loads(line) for line in manifest.read_text().splitlines())
+
+
+def test_edited_urls_file_is_read_again_and_the_report_says_what_was_skipped(
+    hostile: HostileServer, tmp_path: Path
+) -> None:
+    hostile.routes["/a.jpg"] = respond(200, jpeg_bytes(colour=(1, 2, 3)))
+    hostile.routes["/b.jpg"] = respond(200, jpeg_bytes(colour=(200, 2, 3)))
+    hostile.routes["/gone.jpg"] = respond(404, b"", {"Content-Type": "text/html"})
+    tsv = tmp_path / "urls.tsv"
+    tsv.write_text(f"Bag\t{hostile.url('/a.jpg')}\nBag\t{hostile.url('/gone.jpg')}\n")
+    bag = parse_classes("Bag")
+    ctx = SearchContext(Fetcher(LIMITS), urls_file=str(tsv))
+    first = crawler(tmp_path / "c", ctx, engines=("urls",)).run(bag)[0]
+    assert (first.requests, first.downloaded, first.skipped_ok, first.skipped_failed) == (2, 1, 0, 0)
+    with tsv.open("a") as f:
+        f.write(f"Bag\t{hostile.url('/b.jpg')}\n")  # the user adds a URL and reruns
+    ctx = SearchContext(Fetcher(LIMITS), urls_file=str(tsv))
+    second = crawler(tmp_path / "c", ctx, engines=("urls",)).run(bag)[0]
+    assert len(hostile.hits("/b.jpg")) == 1 and len(hostile.hits("/a.jpg")) == 1
+    assert (second.requests, second.new, second.downloaded) == (1, 1, 2)
+    assert (second.skipped_ok, second.skipped_failed) == (1, 1)
+    assert second.as_dict()["skipped_ok"] == 1 and second.as_dict()["skipped_failed"] == 1
+    table = summary_table([second]).splitlines()
+    assert table[0].split()[5:8] == ["skipped", "ok", "skipped"]
+    assert table[-1].split()[:8] == ["TOTAL", "3", "2", "1", "1", "1", "1", "1"]
+
+
+def test_retry_failed_requests_final_failures_again(hostile: HostileServer, tmp_path: Path) -> None:
+    body = jpeg_bytes()
+    hostile.routes["/back.jpg"] = sequence(respond(404, b"", {"Content-Type": "text/html"}), respond(200, body))
+    hostile.routes["/ok.jpg"] = respond(200, jpeg_bytes(colour=(0, 200, 0)))
+    tsv = tmp_path / "urls.tsv"
+    tsv.write_text(
+        f"Bag\t{hostile.url('/back.jpg')}\nBag\t{hostile.url('/ok.jpg')}\nTrouser\t{hostile.url('/back.jpg')}\n"
+    )
+    two = parse_classes("Trouser\nBag")
+    ctx = SearchContext(Fetcher(LIMITS), urls_file=str(tsv))
+    with pytest.raises(CrawlError, match="class 'Trouser': 0 images downloaded"):
+        crawler(tmp_path / "c", ctx, engines=("urls",)).run(two)
+    assert len(hostile.hits("/back.jpg")) == 1  # a 404 is final, and shared across classes
+    with pytest.raises(CrawlError):
+        crawler(tmp_path / "c", ctx, engines=("urls",)).run(two)  # a plain rerun leaves it alone
+    assert len(hostile.hits("/back.jpg")) == 1
+    reports = crawler(tmp_path / "c", ctx, engines=("urls",), retry_failed=True).run(two)
+    assert len(hostile.hits("/back.jpg")) == 2 and len(hostile.hits("/ok.jpg")) == 1  # once for both classes
+    assert [(r.name, r.requests, r.downloaded, r.skipped_ok, r.skipped_failed) for r in reports] == [
+        ("Trouser", 1, 1, 0, 0),
+        ("Bag", 0, 2, 1, 0),
+    ]
+    assert all(not r.failed for r in reports)
 
 
 # --------------------------------------------------------------------------------------------
