@@ -26,8 +26,9 @@ import resource
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,10 +138,21 @@ class Crawler:
         self.bad_lines: list[int] = []  # manifest lines skipped as unreadable by the last run()
 
     # ------------------------------------------------------------------------------------------
+    @contextmanager
+    def lock(self) -> Iterator[Crawler]:
+        """Hold the output folder's lock around ``run()`` and whatever the caller writes beside it.
+
+        ``run()`` takes the lock itself; a caller that writes its own files into ``out_dir``
+        (``classes.json``, ``report.json``) takes it first with ``with crawler.lock():``, so a
+        second crawl on the same folder is refused (``StoreLockedError``) before it overwrites
+        anything. ``run()`` inside the block reuses the lock.
+        """
+        with self.store:
+            yield self
+
     def run(self, classes: list[ClassName]) -> list[ClassReport]:
         """Crawl every class; raise ``CrawlError`` listing classes that came back short."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with self.store:
+        with self.store:  # first: nothing in out_dir is touched before the lock is held
             # repair before reading: a tail torn inside a multi-byte character must not stop the read
             repair_tail(self.manifest_path)
             repair_tail(self.searches_path)

@@ -4,6 +4,8 @@ Every object is streamed to ``tmp/<random>.part`` and renamed into place only on
 fsynced, so a kill at any moment never leaves a torn file under a final name; leftover ``.part``
 files are swept when the store is opened. Identical bytes from any number of URLs are stored once.
 A lock file stops two crawls from writing one store at the same time (released by the OS on kill -9).
+The lock is taken before anything else is created or written, so a refused second crawl leaves the
+folder exactly as the first one has it; opening a store that this object already holds just nests.
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ class ObjectStore:
         self.objects_dir = self.root / "objects"
         self.tmp_dir = self.root / "tmp"
         self._lock_fd: int | None = None
+        self._depth = 0  # nested open() calls on this object (the lock is held once)
 
     # -- lifecycle ------------------------------------------------------------------------
     def open(self) -> ObjectStore:
-        """Create folders, take the lock (fail fast if held) and sweep stale temp files."""
-        self.objects_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        """Take the lock (fail fast if held), then create folders and sweep stale temp files."""
+        if self._lock_fd is not None:
+            self._depth += 1
+            return self
+        self.root.mkdir(parents=True, exist_ok=True)
         lock_path = self.root / ".lock"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -46,14 +51,25 @@ class ObjectStore:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise StoreLockedError(f"{self.root}: another crawl is using this store (pid {holder})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        self._depth = 1
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self.objects_dir.mkdir(exist_ok=True)
+            self.tmp_dir.mkdir(exist_ok=True)
+        except BaseException:
+            self.close()
+            raise
         for stale in self.tmp_dir.glob("*.part"):
             stale.unlink(missing_ok=True)
         return self
 
     def close(self) -> None:
+        self._depth -= 1
+        if self._depth > 0:
+            return
+        self._depth = 0
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)

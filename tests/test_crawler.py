@@ -143,6 +143,39 @@ def test_f14_second_crawl_on_the_same_store_fails_fast(tmp_path: Path) -> None:
     ObjectStore(tmp_path / "c").open().close()  # released on exit
 
 
+def test_second_crawl_is_refused_before_it_writes_anything(mirror: MirrorServer, tmp_path: Path) -> None:
+    import fcntl
+
+    out = tmp_path / "c"
+    out.mkdir()
+    holder = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)  # another process's crawl, still starting
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        ctx = SearchContext(Fetcher(LIMITS), mirror_base_url=mirror.base_url)
+        with pytest.raises(StoreLockedError, match="another crawl is using this store"):
+            crawler(out, ctx).run(CLASSES)
+        assert [p.name for p in out.iterdir()] == [".lock"]  # no objects/, tmp/, manifest or searches
+        assert mirror.requests == []
+    finally:
+        os.close(holder)
+
+
+def test_files_written_beside_the_crawl_are_written_under_its_lock(mirror: MirrorServer, tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    ctx = SearchContext(Fetcher(LIMITS), mirror_base_url=mirror.base_url)
+    first = crawler(out, ctx)
+    with first.lock():
+        (out / "classes.json").write_text("first")  # what the crawl stage writes before run()
+        second = crawler(out, ctx)
+        with pytest.raises(StoreLockedError), second.lock():
+            (out / "classes.json").write_text("second")  # never reached
+        assert (out / "classes.json").read_text() == "first"
+        assert sum(r.downloaded for r in first.run(CLASSES)) > 0  # run() reuses the lock it is inside
+        with pytest.raises(StoreLockedError):
+            second.run(CLASSES)
+    ObjectStore(out).open().close()  # released when the outer block ends, not when run() returns
+
+
 def test_torn_manifest_line_and_stale_temp_files_are_repaired(mirror: MirrorServer, tmp_path: Path) -> None:
     ctx = SearchContext(Fetcher(LIMITS), mirror_base_url=mirror.base_url)
     crawler(tmp_path / "c", ctx).run(CLASSES)
