@@ -232,7 +232,8 @@ class Crawler:
                 engine_urls.update(urls)
             report.candidates[engine] = len(engine_urls)
             if not engine_urls:
-                problems.append(f"class {cls.name!r}: 0 candidate URLs from engine {engine} (parser returned nothing)")
+                why = getattr(source, "nothing_found", None) or "parser returned nothing"
+                problems.append(f"class {cls.name!r}: 0 candidate URLs from engine {engine} ({why})")
         return interleave(lists)
 
     # ------------------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ import abc
 import hashlib
 import html
 import json
+import logging
 import queue
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,8 @@ from icrawler.utils import Signal
 from crawl.classes import ClassName, normalise
 from crawl.download import Fetcher
 
+log = logging.getLogger(__name__)
+
 
 class SourceError(RuntimeError):
     """An engine cannot run (missing key or file, page that cannot be fetched)."""
@@ -48,6 +52,7 @@ class SearchContext:
     bing_base_url: str = "https://www.bing.com"
     mirror_base_url: str | None = None  # set once the mirror is listening
     urls_file: str | None = None
+    classes: list[ClassName] | None = None  # the whole class list (all shards): lets ``urls`` reject unknown names
     greedy_domains: list[str] = field(default_factory=list)
     greedy_max_pages: int = 50
     flickr_api_key: str | None = None
@@ -58,7 +63,8 @@ class ImageSource(Protocol):
 
     An engine may also have a ``cache_key`` string attribute: the crawler keys its saved
     searches (``searches.jsonl``) by it too, so a search saved under another key is run again.
-    The ``urls`` engine sets it to the sha256 of its file, so an edited file is read again.
+    The ``urls`` engine sets it to the sha256 of its file, so an edited file is read again. A
+    ``nothing_found`` string attribute says why a class got 0 URLs (default: the parser found none).
     """
 
     name: str
@@ -305,7 +311,22 @@ class UrlListSource:
     """A TSV of ``class name<TAB>url`` lines: for users who already have URL lists.
 
     The query is ignored; a class's URLs come back in file order. Names are matched after
-    normalisation (case, whitespace, NFKC), like the class file itself.
+    normalisation (case, whitespace, NFKC), like the class file itself. Blank lines and lines
+    starting with ``#`` are ignored; the file is read as UTF-8 (a BOM is allowed).
+
+    Mistakes that would otherwise lose URLs silently are errors (``SourceError`` naming the file
+    and line), because a crawl of the wrong list is worse than no crawl:
+
+    - a line without exactly one tab (a raw tab cannot be part of a URL: write it as ``%09``),
+      or with an empty class name or URL;
+    - bytes that are not UTF-8;
+    - a class name that is not in the class list (when ``SearchContext.classes`` is given; the
+      synonyms file is checked the same way);
+    - a file with no URL lines at all (it would only show up as 0 candidates for every class).
+
+    URLs that cannot be fetched (not ``http``/``https``, e.g. ``ftp://`` or a bare ``www.``
+    name) and repeats of a URL within a class are skipped and counted in ``skipped`` (reason ->
+    lines), with a warning naming the first lines, since the rest of the list is still usable.
     """
 
     def __init__(self, ctx: SearchContext) -> None:
@@ -317,14 +338,55 @@ class UrlListSource:
         data = path.read_bytes()
         # saved searches are keyed by the content, so an edited file is read again on a rerun
         self.cache_key = "sha256:" + hashlib.sha256(data).hexdigest()
+        self.nothing_found = f"no line of {path} names this class"
         self.by_class: dict[str, list[str]] = {}
-        for lineno, line in enumerate(data.decode("utf-8-sig").splitlines(), start=1):
+        self.skipped: Counter[str] = Counter()
+        known = {normalise(c.name) for c in ctx.classes} if ctx.classes is not None else None
+        skipped_at: dict[str, list[int]] = {}
+        seen: set[tuple[str, str]] = set()
+        lines = 0
+
+        def fail(lineno: int, why: str) -> SourceError:
+            return SourceError(f"engine urls: {path}: line {lineno}: {why}")
+
+        for lineno, raw in enumerate(data.split(b"\n"), start=1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                line = raw.decode("utf-8").rstrip("\r")
+            except UnicodeDecodeError as e:
+                raise fail(lineno, f"not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
-            parts = line.rsplit("\t", 1)
+            parts = line.split("\t")
             if len(parts) != 2:
-                raise SourceError(f"engine urls: {path}: line {lineno}: expected 'class<TAB>url'")
-            self.by_class.setdefault(normalise(parts[0]), []).append(parts[1].strip())
+                tabs = f"{len(parts) - 1} tabs" if len(parts) > 2 else "no tab"
+                raise fail(lineno, f"expected 'class<TAB>url', found {tabs} (a tab inside a URL must be written %09)")
+            name, url = parts[0].strip(), parts[1].strip()
+            if not name or not url:
+                raise fail(lineno, f"expected 'class<TAB>url', the {'class name' if not name else 'URL'} is empty")
+            key = normalise(name)
+            if known is not None and key not in known:
+                raise fail(lineno, f"class {name!r} is not in the class list")
+            lines += 1
+            reason = None
+            if urlsplit(url).scheme.lower() not in ("http", "https"):
+                reason = "not_http"
+            elif (key, url) in seen:
+                reason = "duplicate"
+            if reason is not None:
+                self.skipped[reason] += 1
+                skipped_at.setdefault(reason, []).append(lineno)
+                continue
+            seen.add((key, url))
+            self.by_class.setdefault(key, []).append(url)
+        if not lines:
+            raise SourceError(f"engine urls: {path}: no 'class<TAB>url' lines (empty, or only comments)")
+        for reason, at in skipped_at.items():
+            first = ", ".join(map(str, at[:5])) + (", ..." if len(at) > 5 else "")
+            log.warning("engine urls: %s: %d lines skipped (%s): line %s", path, len(at), reason, first)
+        if not self.by_class:
+            raise SourceError(f"engine urls: {path}: no http(s) URL on any line")
 
     def search(self, cls: ClassName, query: str, max_num: int) -> list[str]:
-        return _unique_http(self.by_class.get(normalise(cls.name), []))[:max_num]
+        return self.by_class.get(normalise(cls.name), [])[:max_num]

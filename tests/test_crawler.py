@@ -114,7 +114,7 @@ def test_class_with_zero_candidates_is_an_error_naming_class_and_engine(hostile:
     with pytest.raises(CrawlError) as e:
         crawler(tmp_path / "c", ctx, engines=("urls",)).run(CLASSES)
     msg = str(e.value)
-    assert "class 'Trouser': 0 candidate URLs from engine urls (parser returned nothing)" in msg
+    assert f"class 'Trouser': 0 candidate URLs from engine urls (no line of {tsv} names this class)" in msg
     assert "class 'Bag': 0 candidate URLs from engine urls" in msg
     assert "T-shirt/top" not in msg
     assert [r.downloaded for r in e.value.reports] == [1, 0, 0]

@@ -185,3 +185,49 @@ def test_greedy_source_crawls_within_the_site(hostile: HostileServer) -> None:
     urls = make_source("greedy", ctx).search(SHIRT, "bag", 10)
     assert urls == [f"{base}/a.jpg", f"{base}/b.png"]
     assert {e["path"] for e in hostile.log} == {"/search?q=bag", "/page2.html"}
+
+
+def urls_source(tsv: Path, classes: str | None = None) -> object:
+    ctx = SearchContext(Fetcher(LIMITS), urls_file=str(tsv), classes=parse_classes(classes) if classes else None)
+    return make_source("urls", ctx)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"Bag\thttps://a/1.jpg\nBag\thttps://a/x\ty.jpg\n", r"line 2: expected 'class<TAB>url', found 2 tabs"),
+        (b"Bag\thttps://a/1.jpg\n\thttps://a/2.jpg\n", r"line 2: expected 'class<TAB>url', the class name is empty"),
+        (b"Bag\t \n", r"line 1: expected 'class<TAB>url', the URL is empty"),
+        (b"# c\nBag\thttps://a/1.jpg\nSac \xe0 main\thttps://a/2.jpg\n", r"line 3: not valid UTF-8 \(byte 0xe0"),
+        (b"", r"no 'class<TAB>url' lines \(empty, or only comments\)"),
+        (b"# only a comment\n\n  \n", r"no 'class<TAB>url' lines"),
+        (b"Bag\tftp://a/1.jpg\nBag\twww.a.example/2.jpg\n", r"no http\(s\) URL on any line"),
+    ],
+)
+def test_urls_source_rejects_a_broken_tsv_naming_file_and_line(tmp_path: Path, content: bytes, message: str) -> None:
+    tsv = tmp_path / "urls.tsv"
+    tsv.write_bytes(content)
+    with pytest.raises(SourceError, match=f"engine urls: {tsv}: {message}"):
+        urls_source(tsv)
+
+
+def test_urls_source_rejects_a_class_not_in_the_class_list(tmp_path: Path) -> None:
+    tsv = tmp_path / "urls.tsv"
+    tsv.write_text("bag\thttps://a/1.jpg\nTrousers\thttps://a/2.jpg\n")
+    with pytest.raises(SourceError, match=f"{tsv}: line 2: class 'Trousers' is not in the class list"):
+        urls_source(tsv, "Bag\nTrouser")
+    assert urls_source(tsv).search(parse_classes("Bag")[0], "", 10) == ["https://a/1.jpg"]  # no list: no check
+
+
+def test_urls_source_skips_and_counts_unfetchable_and_repeated_urls(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tsv = tmp_path / "urls.tsv"
+    tsv.write_bytes(
+        "\ufeffBag\thttps://a/1.jpg\r\nBag\tftp://a/2.jpg\r\nBAG\thttps://a/1.jpg\nBag\thttps://a/3.jpg\n".encode()
+    )
+    with caplog.at_level("WARNING", logger="crawl.sources"):
+        src = urls_source(tsv, "Bag")
+    assert src.search(parse_classes("Bag")[0], "", 10) == ["https://a/1.jpg", "https://a/3.jpg"]  # type: ignore[attr-defined]
+    assert src.skipped == {"not_http": 1, "duplicate": 1}  # type: ignore[attr-defined]
+    assert f"engine urls: {tsv}: 1 lines skipped (not_http): line 2" in caplog.text
