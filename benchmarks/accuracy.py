@@ -45,7 +45,9 @@ from distill.data import fashion_mnist_rgb32, resolve_device  # noqa: E402
 from distill.export import load_exported  # noqa: E402
 from distill.label import predict  # noqa: E402
 from pipeline import distill_stage  # noqa: E402
-from pipeline.artifacts import CleanSet, PseudoLabels, TeacherRecord  # noqa: E402
+from pipeline.artifacts.clean import CleanSet  # noqa: E402
+from pipeline.artifacts.label import PseudoLabels  # noqa: E402
+from pipeline.artifacts.teacher import TeacherRecord  # noqa: E402
 from pipeline.config import DistillConfig, build, read_params  # noqa: E402
 
 # KD3_SPEC.md as written: every component on, every switch of ours off

@@ -40,7 +40,8 @@ from crawl.isolate import IsolatedPool, default_workers
 from crawl.manifest import latest_records
 from crawl.sheets import contact_sheet, grid
 from kd3util import format_table
-from pipeline.artifacts import CleanSet, CrawlStore
+from pipeline.artifacts.clean import CleanSet
+from pipeline.artifacts.crawl import CrawlStore
 from pipeline.config import CleanConfig
 
 log = logging.getLogger(__name__)

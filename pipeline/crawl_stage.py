@@ -23,7 +23,7 @@ from crawl.download import Fetcher, HttpLimits
 from crawl.mirror import MirrorServer
 from crawl.sources import SearchContext, make_source
 from kd3util import write_json
-from pipeline.artifacts import CrawlStore
+from pipeline.artifacts.crawl import CrawlStore
 from pipeline.config import CrawlConfig, parse_shard
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,11 @@ from distill.models import build_model
 from distill.teacher import Teacher
 from distill.trainer import Augment, Method, Runtime, Schedule, Trainer
 from kd3util import atomic_path, write_json
-from pipeline.artifacts import CleanSet, PseudoLabels, TeacherRecord, WorldTruth, check_classes
+from pipeline.artifacts import check_classes
+from pipeline.artifacts.clean import CleanSet
+from pipeline.artifacts.label import PseudoLabels
+from pipeline.artifacts.teacher import TeacherRecord
+from pipeline.artifacts.world import WorldTruth
 from pipeline.config import DistillConfig
 from pipeline.evalset import load_eval_set
 
@@ -129,7 +133,7 @@ def _run(cfg: DistillConfig, device: torch.device) -> dict[str, Any]:
     classes, size, chans = record.classes, record.input_size, record.in_chans
     out = Path(cfg.out_dir)
     images, keys = clean.images, clean.keys
-    queries = clean.query_classes  # the class each image was crawled for (-1: several classes, or unknown)
+    queries = clean.query_classes(classes)  # crawled-for class in the teacher's order (-1: several, unknown)
     logits = labels.logits.astype(np.float32)
     held = holdout_mask(keys, cfg.holdout)
     if (~held).sum() < cfg.batch_size:

@@ -25,7 +25,9 @@ from distill.label import confusion, predict
 from distill.plots import confusion_image
 from distill.teacher import Teacher
 from kd3util import write_json
-from pipeline.artifacts import CleanSet, ExportedStudent, TeacherRecord
+from pipeline.artifacts.clean import CleanSet
+from pipeline.artifacts.student import ExportedStudent
+from pipeline.artifacts.teacher import TeacherRecord
 from pipeline.config import EvaluateConfig
 from pipeline.evalset import load_eval_set
 

@@ -27,7 +27,7 @@ from distill.models import build_model
 from distill.supervised import train_classifier
 from distill.teacher import load_teacher
 from kd3util import atomic_path, sha256_file
-from pipeline.artifacts import TeacherRecord
+from pipeline.artifacts.teacher import TeacherRecord
 from pipeline.config import TeacherConfig
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,8 @@ from crawl.download import Fetcher, HttpLimits
 from crawl.mirror import MirrorServer
 from crawl.sources import SearchContext, make_source
 from pipeline import clean_stage
-from pipeline.artifacts import ArtifactError, CrawlStore
+from pipeline.artifacts import ArtifactError
+from pipeline.artifacts.crawl import CrawlStore
 from pipeline.config import CleanConfig
 
 from conftest import TINY_CLASSES, read_jsonl

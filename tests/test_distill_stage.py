@@ -25,7 +25,7 @@ from distill.export import load_exported
 from distill.models import build_model
 from distill.supervised import train_classifier
 from pipeline import label_stage, teacher_stage
-from pipeline.artifacts import CleanSet
+from pipeline.artifacts.clean import CleanSet
 from pipeline.cli import app
 from pipeline.config import LabelConfig, TeacherConfig
 
