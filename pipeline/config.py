@@ -234,6 +234,7 @@ class LabelConfig:
     batch_size: int = opt(512, 1, 65536)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     truth: str | None = None  # demo only: the world's truth.jsonl, for the report (training never reads it)
+    strict: bool = False  # fail (exit 1) when the transfer diagnostics warn, instead of going on
 
 
 @dataclass(frozen=True)

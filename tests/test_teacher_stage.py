@@ -151,3 +151,79 @@ def test_label_refuses_a_checkpoint_changed_after_the_teacher_stage(project: Pat
     torch.save(build_model("resnet8", 3).state_dict(), ckpt)  # swapped behind the record's back
     result = runner.invoke(app, ["label", "--params", params])
     assert result.exit_code == 1 and "changed since the teacher stage ran" in result.output
+
+
+def _teacher_with_params(project: Path, classes: list[str], **teacher: object) -> str:
+    """Point params.yaml's teacher at its own class file (in ``classes`` order) and extra keys."""
+    (project / "teacher_classes.txt").write_text("\n".join(classes) + "\n")
+    p = project / "params.yaml"
+    extra = "".join(f", {k}: {json.dumps(v)}" for k, v in teacher.items())
+    p.write_text(p.read_text().replace(f"teacher: {{checkpoint: null, classes: {project}/classes.txt,",
+                                       f"teacher: {{checkpoint: null, classes: {project}/teacher_classes.txt{extra},"))
+    return str(p)
+
+
+def test_teacher_classes_in_another_order_are_matched_by_name(project: Path) -> None:
+    ckpt = project / "user.pt"
+    save_user_checkpoint(ckpt, "state_dict", 3)
+    params = _teacher_with_params(project, TINY_CLASSES[::-1])
+    assert runner.invoke(app, ["teacher", "--params", params, "--checkpoint", str(ckpt)]).exit_code == 0
+    result = runner.invoke(app, ["label", "--params", params])
+    assert result.exit_code == 0, result.output
+    report = json.loads((project / "label" / "report.json").read_text())
+    kept = [json.loads(line) for line in (project / "clean" / "kept.jsonl").read_text().splitlines()]
+    for row in report["transfer"]["per_class"]:  # crawled counts follow the names, not the positions
+        assert row["crawled"] == sum(k["class_name"] == row["class"] and len(k["classes"]) == 1 for k in kept)
+    assert [r["class"] for r in report["transfer"]["per_class"]] == TINY_CLASSES[::-1]
+
+
+def test_teacher_classes_that_differ_from_the_crawls_are_named(project: Path) -> None:
+    ckpt = project / "user.pt"
+    save_user_checkpoint(ckpt, "state_dict", 3)
+    params = _teacher_with_params(project, ["T-shirt/top", "Trouser", "Hat"])
+    assert runner.invoke(app, ["teacher", "--params", params, "--checkpoint", str(ckpt)]).exit_code == 0
+    result = runner.invoke(app, ["label", "--params", params])
+    assert result.exit_code == 1
+    assert "only in the teacher" in result.output and "'Hat'" in result.output and "'Bag'" in result.output
+
+
+def test_a_collapsed_teacher_warns_and_strict_makes_it_fail(project: Path) -> None:
+    torch.manual_seed(1)
+    model = build_model("resnet8", 3).eval()
+    with torch.no_grad():
+        model.classifier.bias[:] = torch.tensor([50.0, 0.0, 0.0])  # calls everything the first class
+    ckpt = project / "collapsed.pt"
+    torch.save(model.state_dict(), ckpt)
+    params = _teacher_with_params(project, TINY_CLASSES)
+    assert runner.invoke(app, ["teacher", "--params", params, "--checkpoint", str(ckpt)]).exit_code == 0
+    result = runner.invoke(app, ["label", "--params", params])
+    assert result.exit_code == 0, result.output
+    assert "warning [collapse]" in result.output and "'T-shirt/top'" in result.output
+    assert "warning [near_chance]" in result.output
+    p = Path(params)
+    p.write_text(p.read_text().replace("label: {", "label: {strict: true, "))
+    result = runner.invoke(app, ["label", "--params", params])
+    assert result.exit_code == 1 and "label.strict is on" in result.output and "collapse" in result.output
+
+
+class _NaNOnLargeBatches(torch.nn.Module):
+    """Finite on a few images (a probe), NaN on a full batch: only the label stage can see it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = x.mean(dim=(2, 3))  # (B, 3)
+        return logits + (torch.full_like(logits, float("nan")) if x.shape[0] > 16 else torch.zeros_like(logits))
+
+
+def test_label_refuses_non_finite_teacher_output(project: Path) -> None:
+    ckpt = project / "nan.ts"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(_NaNOnLargeBatches()).save(str(ckpt))
+    params = _teacher_with_params(project, TINY_CLASSES, format="torchscript")
+    result = runner.invoke(app, ["teacher", "--params", params, "--checkpoint", str(ckpt)])
+    assert result.exit_code == 0, result.output
+    kept = (project / "clean" / "kept.jsonl").read_text().splitlines()
+    assert len(kept) > 16
+    result = runner.invoke(app, ["label", "--params", params])
+    assert result.exit_code == 1 and "non-finite logits" in result.output and str(ckpt) in result.output
+    assert not (project / "label" / "logits.npy").exists()
