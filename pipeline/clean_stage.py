@@ -71,7 +71,8 @@ def collect_objects(store: CrawlStore) -> list[dict[str, Any]]:
     return objects
 
 
-def run(cfg: CleanConfig) -> dict[str, Any]:
+def run(cfg: CleanConfig, image_size: int) -> dict[str, Any]:
+    """Clean the crawl into ``cfg.out_dir``; ``image_size``: the packed side (``config.resolve_image_size``)."""
     crawl_dir, out = Path(cfg.crawl_dir), Path(cfg.out_dir)
     store = CrawlStore.load(crawl_dir)
     objects = collect_objects(store)
@@ -80,7 +81,7 @@ def run(cfg: CleanConfig) -> dict[str, Any]:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    size = cfg.image_size
+    size = image_size
     params = AnalyzeParams(
         limits=DecodeLimits(tuple(cfg.formats), cfg.max_bytes, cfg.max_pixels, cfg.max_frames),
         hash_size=cfg.hash_size, image_size=size, resize=cfg.resize,

@@ -26,6 +26,7 @@ from pipeline.config import (
     WorldConfig,
     load_section,
     read_params,
+    resolve_image_size,
 )
 
 app = typer.Typer(
@@ -145,7 +146,12 @@ def clean(params: ParamsOpt = Path("params.yaml")) -> None:
     _setup_logging()
     from pipeline import clean_stage
 
-    _guarded(lambda: clean_stage.run(load_section(params, "clean", CleanConfig)))
+    def go() -> Any:
+        cfg = load_section(params, "clean", CleanConfig)
+        teacher_cfg = load_section(params, "teacher", TeacherConfig)
+        return clean_stage.run(cfg, resolve_image_size(cfg, teacher_cfg.input_size, f"{params}: clean.image_size"))
+
+    _guarded(go)
 
 
 @app.command()

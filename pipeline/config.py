@@ -163,7 +163,8 @@ class CleanConfig:
 
     crawl_dir: str = "data/crawl"
     out_dir: str = "data/clean"
-    image_size: int = opt(48, 8, 1024)  # side of the packed array, pixels
+    image_size: int | None = opt(None, 8, 1024)  # side of the packed array, pixels; null: the teacher's input
+    # size times CROP_MARGIN (see resolve_image_size); smaller than the teacher's input size is an error
     resize: Literal["crop", "pad"] = "crop"  # shorter side to image_size + centre crop, or fit + white pad
     formats: list[Literal["JPEG", "PNG", "WEBP", "GIF", "BMP"]] = opt(["JPEG", "PNG", "WEBP", "GIF", "BMP"])
     max_bytes: int = opt(20_000_000, 1, 1_000_000_000)  # per file, checked before decoding
@@ -555,6 +556,23 @@ def _crawl_validate(self: CrawlConfig, where: str) -> None:
         raise ConfigError(f"{where}.urls_file: required when engine 'urls' is selected")
     if "greedy" in self.engines and not self.greedy_domains:
         raise ConfigError(f"{where}.greedy_domains: required when engine 'greedy' is selected")
+
+
+CROP_MARGIN = 1.5  # packed side / teacher input side: a training crop of >= 44% of the area is not upsampled
+
+
+def resolve_image_size(clean: CleanConfig, teacher_input_size: int, where: str = "clean.image_size") -> int:
+    """The packed array's side: ``clean.image_size``, or the teacher's input size plus the crops' margin.
+
+    A side below the teacher's input would upsample every image the teacher and student see.
+    """
+    if clean.image_size is None:
+        return int(round(teacher_input_size * CROP_MARGIN))
+    if clean.image_size < teacher_input_size:
+        raise ConfigError(f"{where}: {clean.image_size} is smaller than teacher.input_size {teacher_input_size}, so "
+                          "every image would be upsampled; use null (the teacher's size plus the crops' margin) "
+                          "or a value >= the teacher's input size")  # fmt: skip
+    return clean.image_size
 
 
 def _clean_validate(self: CleanConfig, where: str) -> None:

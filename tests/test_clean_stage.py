@@ -39,9 +39,9 @@ def crawled(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def clean(crawl_dir: Path, out: Path, **kw: object) -> dict:  # type: ignore[type-arg]
-    args = {"image_size": 24, "min_side": 16, "progress": False, "workers": 2, **kw}
+    args = {"min_side": 16, "progress": False, "workers": 2, **kw}
     cfg = CleanConfig(crawl_dir=str(crawl_dir), out_dir=str(out), **args)  # type: ignore[arg-type]
-    return clean_stage.run(cfg)
+    return clean_stage.run(cfg, image_size=24)
 
 
 def test_outputs_account_for_every_object(crawled: Path, tiny_world: Path, tmp_path: Path) -> None:

@@ -76,6 +76,9 @@ def test_clean_through_the_cli(project: Path) -> None:
     p = project / "params.yaml"
     p.write_text(p.read_text() + f"clean:\n  crawl_dir: {project / 'crawl'}\n  out_dir: {project / 'clean'}\n"
                  "  image_size: 16\n  min_side: 16\n  progress: false\n")  # fmt: skip
+    upsampled = runner.invoke(app, ["clean", "--params", params])  # the default teacher takes 32 px
+    assert upsampled.exit_code == 2 and "clean.image_size: 16 is smaller than teacher.input_size 32" in upsampled.output
+    p.write_text(p.read_text().replace("image_size: 16", "image_size: null"))  # the teacher's size x 1.5
     missing = runner.invoke(app, ["clean", "--params", params])
     assert missing.exit_code == 1 and "no crawl manifest (run kd3 crawl first)" in missing.output
     assert runner.invoke(app, ["world", "--params", params]).exit_code == 0
@@ -85,6 +88,7 @@ def test_clean_through_the_cli(project: Path) -> None:
     assert "TOTAL" in result.output and "images/s" in result.output
     report = json.loads((project / "clean" / "report.json").read_text())
     assert report["objects"] == 15
+    assert np.load(project / "clean" / "images.npy", mmap_mode="r").shape[1:] == (48, 48, 3)
 
 
 def test_flags_override_params(project: Path) -> None:

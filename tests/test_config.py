@@ -146,3 +146,12 @@ def test_parse_shard() -> None:
     for bad in ("4/4", "x/2", "1", "-1/2", "0/0"):
         with pytest.raises(ConfigError):
             parse_shard(bad)
+
+
+def test_the_packed_side_follows_the_teacher_unless_set() -> None:
+    from pipeline.config import CleanConfig, resolve_image_size
+
+    assert resolve_image_size(CleanConfig(), 32) == 48 and resolve_image_size(CleanConfig(), 224) == 336
+    assert resolve_image_size(CleanConfig(image_size=64), 64) == 64
+    with pytest.raises(ConfigError, match="clean.image_size: 48 is smaller than teacher.input_size 64"):
+        resolve_image_size(CleanConfig(image_size=48), 64)
