@@ -1,7 +1,7 @@
 """Registry of teacher and student architectures, all with the same feature access.
 
-KD³ needs two things from every network (KD3_SPEC.md section 2): the last-stage feature map
-``F(x)`` (before pooling, after the final ReLU) and the final linear classifier ``h``, so that
+KD³ needs two things from every network: the last-stage feature map ``F(x)`` (before pooling,
+after the final activation) and the final linear classifier ``h``, so that
 ``logits = h(GAP(F(x)))``. Every model here exposes them the same way:
 
 - ``model.forward_features(x) -> (B, C, H, W)``;
@@ -11,20 +11,32 @@ KD³ needs two things from every network (KD3_SPEC.md section 2): the last-stage
 Architectures: CIFAR-style ResNets (3x3 stem, no max-pool: resnet8/14/20/32 with widths
 16-32-64, their x4 variants with 64-128-256, resnet18/34 with BasicBlocks and 64..512), a
 MobileNetV2 and WRN-d-w for small inputs, and the torchvision classification models by their
-torchvision name (families with a pooled linear head: ResNet/ResNeXt/Wide-ResNet, RegNet,
-MobileNetV2, EfficientNet, DenseNet; other torchvision models build, but without feature access
-only logit-only methods apply). ``build_model(name, num_classes, in_chans)`` builds any of them;
-where a registry name is also a torchvision name (``resnet18``, ``resnet34``) the registry wins and
+torchvision name. ``build_model(name, num_classes, in_chans)`` builds any of them; where a
+registry name is also a torchvision name (``resnet18``, ``resnet34``) the registry wins and
 ``torchvision/resnet18`` names torchvision's.
+
+A torchvision model keeps torchvision's state-dict keys exactly, so the user's own
+``torch.save(model.state_dict())`` loads by name. Feature access exists where the head really is
+one linear layer after global average pooling: ResNet/ResNeXt/Wide-ResNet, RegNet, ShuffleNetV2,
+MobileNetV2, MNASNet, EfficientNet (v1, v2), DenseNet, Swin, and ConvNeXt (whose head LayerNorm
+is folded into the map, see ``_convnext_features``). MobileNetV3, MaxViT, VGG, AlexNet and
+SqueezeNet (a non-linear head) and ViT (the class token) are logit-only: ``forward_features``
+raises ``FeatureAccessError`` naming the methods that still work (kd, dfnd). The remaining
+families (GoogLeNet, Inception v3) get access by naming their layers (``set_feature_access``).
+``architectures_like`` names the architectures whose keys a checkpoint has, for error messages.
 """
 
 from __future__ import annotations
 
+import functools
+import re
+import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -232,56 +244,182 @@ class MobileNetV2Small(Backbone):
 # torchvision models, by their torchvision name
 # --------------------------------------------------------------------------------------------
 
+# Why the logit-only torchvision families have no map that GAP + one linear layer turns into their logits.
+LOGIT_ONLY = {
+    "MobileNetV3": "its head is Linear -> Hardswish -> Dropout -> Linear after pooling, a non-linear MLP",
+    "VisionTransformer": "it classifies the class token, not a pooled feature map",
+    "MaxVit": "its head is LayerNorm -> Linear -> Tanh -> Linear after pooling, a non-linear MLP",
+    "VGG": "its head is an MLP with ReLUs on the flattened map",
+    "AlexNet": "its head is an MLP with ReLUs on the flattened map",
+    "SqueezeNet": "its head is a convolution followed by ReLU, with no linear layer",
+}
+
 
 class TorchvisionModel(Backbone):
-    """A torchvision classifier with the registry's feature access where its family allows it."""
+    """A torchvision classifier with torchvision's own state-dict layout and, by family, feature access.
+
+    The wrapper shares the torchvision net's tables of submodules, parameters and buffers instead of
+    holding the net as a submodule, so ``state_dict()`` has exactly the plain model's keys
+    (``conv1.weight``, ``fc.bias``, ``classifier.1.weight``) and a checkpoint saved from
+    ``torchvision.models.resnet18()`` loads by name. ``net`` (the torchvision module itself) and
+    ``classifier`` (its final linear layer) are plain references, not registered submodules: a
+    registered ``net`` would prefix every key with ``net.`` and a registered ``classifier`` would
+    store the final layer twice. Checkpoints in that older layout are still accepted on load.
+    """
 
     def __init__(self, name: str, num_classes: int, in_chans: int) -> None:
         super().__init__()
         import torchvision
 
+        with warnings.catch_warnings():  # GoogLeNet and Inception announce a change of their random init
+            warnings.filterwarnings("ignore", "The default weight initialization", FutureWarning)
+            net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        if in_chans != 3:
+            if not isinstance(net, torchvision.models.ResNet):
+                raise ValueError(f"torchvision model {name!r}: in_chans={in_chans} is only supported for ResNets")
+            old = net.conv1
+            net.conv1 = nn.Conv2d(in_chans, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
         self.name = name
-        self.net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-        net = self.net
-        self._features: Callable[[torch.Tensor], torch.Tensor] | None = None
-        if hasattr(net, "layer4") and isinstance(getattr(net, "fc", None), nn.Linear):  # ResNet family
-            self.classifier = net.fc
-            if in_chans != 3:
-                old = net.conv1
-                net.conv1 = nn.Conv2d(in_chans, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
+        self.net = net
+        for table in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
+            object.__setattr__(self, table, getattr(net, table))  # the same dicts: one set of weights, its keys
+        object.__setattr__(self, "_version", net._version)  # the state-dict metadata torchvision's loaders read
+        self.family, self.classifier = _torchvision_head(net)
+        self._features: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by set_feature_access
+        self.register_load_state_dict_pre_hook(_accept_prefixed_layout)
 
-            def resnet_features(x: torch.Tensor) -> torch.Tensor:
-                x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-                return net.layer4(net.layer3(net.layer2(net.layer1(x))))
-
-            self._features = resnet_features
-        elif hasattr(net, "trunk_output") and isinstance(getattr(net, "fc", None), nn.Linear):  # RegNet
-            self.classifier = net.fc
-            self._features = lambda x: net.trunk_output(net.stem(x))
-        elif name.startswith(("mobilenet_v2", "efficientnet")) and isinstance(net.classifier[-1], nn.Linear):
-            self.classifier = net.classifier[-1]
-            self._features = net.features
-        elif name.startswith("densenet"):
-            self.classifier = net.classifier
-            self._features = lambda x: F.relu(net.features(x))
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in ("net", "classifier"):  # references into the shared tables, never submodules of their own
+            object.__setattr__(self, name, value)
         else:
-            last = [m for m in net.modules() if isinstance(m, nn.Linear)]
-            if not last:
-                raise FeatureAccessError(f"torchvision model {name!r} has no linear classifier")
-            self.classifier = last[-1]
-        if in_chans != 3 and not hasattr(net, "layer4"):
-            raise ValueError(f"torchvision model {name!r}: in_chans={in_chans} is only supported for ResNets")
+            super().__setattr__(name, value)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if self._features is None:
-            raise FeatureAccessError(
-                f"torchvision model {self.name!r} has no last feature map + linear head that KD3 can reach; "
-                "logit-only methods (kd) still work"
-            )
-        return self._features(x)
+    def get_submodule(self, target: str) -> nn.Module:
+        # by torchvision's names: ``classifier`` here is the final Linear, torchvision's may be a Sequential;
+        # ``net.layer4`` (the names of the older wrapped layout) still resolves
+        target = target.removeprefix("net.")
+        return self.net.get_submodule(target) if target else self
+
+    def train(self, mode: bool = True) -> TorchvisionModel:
+        super().train(mode)
+        self.net.training = mode  # the net's own flag, which some forwards read (Inception's auxiliary logits)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self._features is not None:
+            return self._features(x)
+        net, family = self.net, self.family
+        if family == "resnet":
+            x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+            return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+        if family == "regnet":
+            return net.trunk_output(net.stem(x))
+        if family == "shufflenet":
+            return net.conv5(net.stage4(net.stage3(net.stage2(net.maxpool(net.conv1(x))))))
+        if family == "features":  # MobileNetV2, EfficientNet (v1 and v2)
+            return net.features(x)
+        if family == "mnasnet":
+            return net.layers(x)
+        if family == "densenet":
+            return F.relu(net.features(x))
+        if family == "swin":  # its LayerNorm acts on every position before pooling
+            return net.permute(net.norm(net.features(x)))
+        if family == "convnext":
+            return _convnext_features(net, x)
+        raise self._logit_only()
+
+    @property
+    def feature_dim(self) -> int:
+        if self._features is None and self.family is None:
+            raise self._logit_only()
+        return int(self.classifier.in_features)
+
+    def _logit_only(self) -> FeatureAccessError:
+        why = LOGIT_ONLY.get(type(self.net).__name__, "kd3 does not know where this family's pooled map is")
+        return FeatureAccessError(
+            f"torchvision model {self.name!r} has no feature map that global average pooling and one linear layer "
+            f"turn into its logits ({why}); KD3 cannot use it, the logit-only methods kd and dfnd can. If the "
+            "model does have such a pair of layers, name them with teacher.feature_layer and teacher.classifier_layer"
+        )
+
+
+def _torchvision_head(net: nn.Module) -> tuple[str | None, nn.Linear | None]:
+    """(family, final Linear) where ``classifier(GAP(forward_features(x)))`` reproduces the logits.
+
+    Logit-only families get ``None`` and their last Linear (if any), which still tells how many
+    outputs the model has. tests/test_torchvision_teachers.py checks every family numerically.
+    """
+    from torchvision import models as tv
+
+    def seq_head(seq: nn.Module) -> nn.Linear | None:  # Sequential(Dropout, Linear), as torchvision builds it
+        ok = isinstance(seq, nn.Sequential) and len(seq) == 2 and isinstance(seq[0], nn.Dropout)
+        return seq[1] if ok and isinstance(seq[1], nn.Linear) else None
+
+    if isinstance(net, tv.ResNet) and isinstance(net.fc, nn.Linear):  # also ResNeXt and Wide ResNet
+        return "resnet", net.fc
+    if isinstance(net, tv.RegNet) and isinstance(net.fc, nn.Linear):
+        return "regnet", net.fc
+    if isinstance(net, tv.ShuffleNetV2) and isinstance(net.fc, nn.Linear):
+        return "shufflenet", net.fc
+    if isinstance(net, (tv.MobileNetV2, tv.EfficientNet)) and seq_head(net.classifier) is not None:
+        return "features", seq_head(net.classifier)
+    if isinstance(net, tv.MNASNet) and seq_head(net.classifier) is not None:
+        return "mnasnet", seq_head(net.classifier)
+    if isinstance(net, tv.DenseNet) and isinstance(net.classifier, nn.Linear):
+        return "densenet", net.classifier
+    if isinstance(net, tv.SwinTransformer) and isinstance(net.head, nn.Linear):
+        return "swin", net.head
+    head = getattr(net, "classifier", None)
+    if (isinstance(net, tv.ConvNeXt) and isinstance(head, nn.Sequential) and len(head) == 3
+            and isinstance(head[0], nn.LayerNorm) and isinstance(head[2], nn.Linear)):  # fmt: skip
+        return "convnext", head[2]
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    return None, linears[-1] if linears else None
+
+
+def _convnext_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ConvNeXt's last-stage map, put through the head's LayerNorm with the statistics of its pooled vector.
+
+    The head is ``GAP -> LayerNorm -> Linear``. A LayerNorm of one vector is an affine map of it
+    (per-sample mean and scale, per-channel weight and bias), and affine maps commute with global
+    average pooling, so applying that same map to every position gives a map whose GAP is exactly
+    the normalised pooled vector: ``Linear(GAP(map))`` are the logits, and the map keeps the last
+    stage's spatial layout.
+    """
+    feats = net.features(x)
+    norm = net.classifier[0]
+    pooled = feats.mean((2, 3), keepdim=True)
+    mu = pooled.mean(1, keepdim=True)
+    var = pooled.var(1, keepdim=True, unbiased=False)
+    out = (feats - mu) * torch.rsqrt(var + norm.eps)
+    if norm.weight is not None:
+        out = out * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+    return out
+
+
+def _accept_prefixed_layout(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: object
+) -> None:
+    """Load hook: rename a state dict in the layout older versions saved (``net.`` prefixes, ``classifier.*`` twice)."""
+    if any(k.startswith(prefix + "net.") for k in state_dict):
+        state_dict.update(strip_net_prefix({k: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)},
+                                           prefix))  # fmt: skip
+
+
+def strip_net_prefix(tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """A TorchvisionModel state dict in the older wrapped layout -> torchvision's own layout.
+
+    That layout held the net as ``net.*`` and repeated its final layer as ``classifier.weight`` and
+    ``classifier.bias``; dicts without ``net.`` keys are returned unchanged.
+    """
+    net = prefix + "net."
+    if not any(k.startswith(net) for k in tensors):
+        return tensors
+    alias = (prefix + "classifier.weight", prefix + "classifier.bias")
+    return {(prefix + k.removeprefix(net) if k.startswith(net) else k): v for k, v in tensors.items() if k not in alias}
 
 
 def set_feature_access(model: Backbone, feature_layer: str, classifier_layer: str, probe_size: int = 32) -> None:
@@ -346,3 +484,70 @@ def build_model(name: str, num_classes: int, in_chans: int = 3) -> Backbone:
     if tv_name in torchvision_names():
         return TorchvisionModel(tv_name, num_classes, in_chans)
     raise ValueError(f"unknown architecture {name!r}; registry: {', '.join(sorted(MODELS))}; or a torchvision name")
+
+
+# --------------------------------------------------------------------------------------------
+# which architecture does a state dict belong to?
+# --------------------------------------------------------------------------------------------
+
+
+class _MetaFactories(TorchFunctionMode):
+    """Tensor factories without an explicit device build on ``meta``: a model's layout without its memory.
+
+    Narrower than ``with torch.device("meta")``, which also moves the arithmetic some constructors
+    do on real numbers (RegNet computes its widths with ``torch.arange(...).tolist()``).
+    """
+
+    FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = dict(kwargs or {})
+        if func in self.FACTORIES and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(name: str, num_classes: int, in_chans: int) -> dict[str, tuple[int, ...]] | None:
+    """``{key: shape}`` of ``build_model(name, ...)``'s state dict, built without allocating weights."""
+    try:
+        with _MetaFactories(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # initialisers on meta tensors may warn; nothing a user can act on
+            model = build_model(name, num_classes, in_chans)
+    except (ValueError, RuntimeError, NotImplementedError, TypeError):  # e.g. in_chans a family does not take
+        return None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _optional(key: str) -> bool:
+    return key.endswith("num_batches_tracked")  # BatchNorm fills it in when a checkpoint lacks it
+
+
+def architectures_like(
+    shapes: dict[str, tuple[int, ...]], num_classes: int, in_chans: int = 3
+) -> list[tuple[str, list[str]]]:
+    """Architectures whose state dict has exactly these keys, as ``(arch, shape differences)``, best first.
+
+    ``arch`` is spelled as ``teacher.arch`` takes it (``torchvision/resnet18`` where the registry
+    has a ``resnet18`` of its own). Candidates are the registry and the torchvision families whose
+    top-level module names are the checkpoint's (built on the meta device, so this costs no
+    memory and well under a second); an empty list means no known architecture has these keys.
+    """
+    tops = {k.split(".", 1)[0] for k in shapes}
+    names = list(MODELS)
+    families: dict[str, list[str]] = {}
+    for tv_name in torchvision_names():
+        families.setdefault(re.split(r"[\d_]", tv_name, maxsplit=1)[0], []).append(tv_name)
+    for members in families.values():  # one model per family decides whether the family is a candidate
+        sample = _layout(members[0], num_classes, 3)
+        if sample is not None and {k.split(".", 1)[0] for k in sample} == tops:
+            names += [f"torchvision/{m}" if m in MODELS else m for m in members]
+    wanted = {k for k in shapes if not _optional(k)}
+    found = []
+    for name in names:
+        layout = _layout(name, num_classes, in_chans)
+        if layout is None or {k for k in layout if not _optional(k)} != wanted or not set(shapes) <= set(layout):
+            continue
+        diffs = [f"{k} {tuple(shapes[k])} vs {layout[k]}" for k in shapes if tuple(shapes[k]) != layout[k]]
+        found.append((name, diffs))
+    return sorted(found, key=lambda t: len(t[1]))

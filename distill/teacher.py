@@ -1,19 +1,22 @@
 """Loading the user's teacher safely, and the frozen ``Teacher`` every later stage uses.
 
-``load_teacher(spec)`` accepts (RELIABILITY.md section 3, T1-T12):
+``load_teacher(spec)`` accepts:
 
 - ``format: state_dict`` — a ``torch.save``d state dict (or the wrappers ``{"state_dict": ...}``,
   ``{"model": ...}``, keys prefixed ``module.``), or a ``.safetensors`` file, plus ``arch`` from
-  ``distill.models``. Pickles are only ever read with ``torch.load(weights_only=True)`` passed
-  explicitly (an environment variable can flip the default), first in a child process with an
-  address-space limit, so a checkpoint that would allocate without bound kills the child, not us.
+  ``distill.models``: a registry name, or a torchvision name, whose checkpoints load with
+  torchvision's own keys (``torchvision.models.resnet18(num_classes=10).state_dict()`` with
+  ``arch: torchvision/resnet18``). Pickles are only ever read with ``torch.load(weights_only=True)``
+  passed explicitly (an environment variable can flip the default), first in a child process with
+  an address-space limit, so a checkpoint that would allocate without bound kills the child, not us.
 - ``format: torchscript`` — only when named: a TorchScript archive runs code from the archive,
   so it must come from a trusted source. Auto-detection never picks it: a TorchScript or
   ``torch.export`` archive given as a state dict is refused before anything is loaded.
 
 Every failure is a ``TeacherError`` naming the file: missing, empty, a folder, over the size cap,
 truncated/corrupt, unsafe (non-allowlisted globals), wrong architecture (the first mismatching
-keys), wrong number of outputs, non-finite weights.
+keys, and the registry or torchvision architecture whose keys the checkpoint does have, when
+one does), wrong number of outputs, non-finite weights.
 """
 
 from __future__ import annotations
@@ -33,7 +36,16 @@ import torch
 from torch import nn
 
 from crawl.isolate import IsolatedPool
-from distill.models import Backbone, FeatureAccessError, build_model, set_feature_access
+from distill.models import (
+    MODELS,
+    Backbone,
+    FeatureAccessError,
+    TorchvisionModel,
+    architectures_like,
+    build_model,
+    set_feature_access,
+    strip_net_prefix,
+)
 
 
 class TeacherError(ValueError):
@@ -172,7 +184,7 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_state_dict(spec: TeacherSpec) -> dict[str, torch.Tensor]:
-    """Read the checkpoint's tensors with every check of T1-T5, T8, T9, T11, T12."""
+    """Read the checkpoint's tensors: size, format, safe unpickling, wrappers and finite values checked."""
     path = Path(spec.checkpoint)
     if not path.exists():
         raise TeacherError(f"{path}: teacher checkpoint not found")
@@ -267,9 +279,30 @@ class Teacher(nn.Module):
         return self.model.classifier
 
 
-def _mismatches(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+def _canonical(arch: str) -> str:
+    return arch if arch in MODELS else "torchvision/" + arch.removeprefix("torchvision/")
+
+
+def _layout_hint(tensors: dict[str, torch.Tensor], arch: str, num_classes: int, in_chans: int) -> str:
+    """Which known architecture the checkpoint's keys belong to, for the mismatch message."""
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    try:
+        candidates = architectures_like(shapes, num_classes, in_chans)
+    except Exception:  # a hint must never replace the real error
+        return ""
+    others = [(name, diffs) for name, diffs in candidates if _canonical(name) != _canonical(arch)]
+    if not others:
+        return "" if candidates else "; no registry or torchvision architecture has exactly these keys"
+    name, diffs = others[0]
+    if not diffs:
+        return f"; its keys and shapes are those of {name!r}: set teacher.arch: {name}"
+    return f"; its keys are those of {name!r}, but {len(diffs)} shapes differ (first: {'; '.join(diffs[:2])})"
+
+
+def _mismatches(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, spec: TeacherSpec) -> None:
     own = model.state_dict()
-    missing = [k for k in own if k not in tensors]
+    # BatchNorm fills in a missing num_batches_tracked (checkpoints from before it existed)
+    missing = [k for k in own if k not in tensors and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in tensors if k not in own]
     shapes = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
               if k in tensors and tensors[k].shape != v.shape]  # fmt: skip
@@ -281,7 +314,9 @@ def _mismatches(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, 
             parts.append(f"unexpected {len(unexpected)} keys (first: {', '.join(unexpected[:3])})")
         if shapes:
             parts.append(f"{len(shapes)} shape mismatches (first: {'; '.join(shapes[:3])})")
-        raise TeacherError(f"{path}: does not match architecture {arch!r}: " + "; ".join(parts))
+        arch = spec.arch or ""
+        hint = _layout_hint(tensors, arch, spec.num_classes, spec.in_chans)
+        raise TeacherError(f"{path}: does not match architecture {arch!r}: " + "; ".join(parts) + hint)
 
 
 def load_teacher(spec: TeacherSpec, mean: list[float], std: list[float], input_size: int = 32) -> Teacher:
@@ -301,12 +336,14 @@ def load_teacher(spec: TeacherSpec, mean: list[float], std: list[float], input_s
             raise TeacherError(f"{path}: teacher.arch is required for format state_dict")
         tensors = load_state_dict(spec)
         model = build_model(spec.arch, spec.num_classes, spec.in_chans)
+        if isinstance(model, TorchvisionModel):  # saved by an older kd3, which prefixed torchvision's keys
+            tensors = strip_net_prefix(tensors)
         classifier = next((k for k, m in model.named_modules() if m is model.classifier), None)  # type: ignore[attr-defined]
         weight = tensors.get(f"{classifier}.weight") if classifier else None
         if weight is not None and weight.ndim == 2 and weight.shape[0] != spec.num_classes:
             raise TeacherError(f"{path}: the teacher has {weight.shape[0]} outputs but the class list has "
                                f"{spec.num_classes} classes")  # fmt: skip
-        _mismatches(model, tensors, path, spec.arch)
+        _mismatches(model, tensors, path, spec)
         model.load_state_dict(tensors, strict=True)
         if spec.feature_layer or spec.classifier_layer:
             if not (spec.feature_layer and spec.classifier_layer):

@@ -34,15 +34,7 @@ def test_in_chans_and_gray_input() -> None:
     assert model(torch.randn(1, 1, 28, 28)).shape == (1, 3)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "name", ["torchvision/resnet18", "mobilenet_v2", "efficientnet_b0", "regnet_y_400mf", "densenet121"]
-)
-def test_torchvision_families_expose_features(name: str) -> None:
-    model = build_model(name, num_classes=5).eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        assert torch.allclose(model.forward_head(model.forward_features(x)), model(x), atol=1e-4)
+# torchvision families: tests/test_torchvision_teachers.py
 
 
 def test_torchvision_without_feature_access_says_what_still_works() -> None:

@@ -1,4 +1,7 @@
-"""Teacher checkpoints: every hazard of RELIABILITY.md section 3 (T1-T12) and the supported formats."""
+"""Teacher checkpoints: unsafe, broken, mismatched or numerically unusable files, and the supported formats.
+
+(The ``t<n>`` in the test names number the hazards; plain torchvision checkpoints have their own file.)
+"""
 
 from __future__ import annotations
 
@@ -199,4 +202,4 @@ def test_named_feature_and_classifier_layers(tmp_path: Path) -> None:
         set_feature_access(build_model("resnet8", 10), "nope", "classifier")
     vgg = build_model("vgg11", 10)  # no default access, and its head is not a single linear layer
     with pytest.raises(FeatureAccessError, match="does not reproduce"):
-        set_feature_access(vgg, "net.features", "net.classifier.6")
+        set_feature_access(vgg, "features", "classifier.6")  # torchvision's own module names
