@@ -16,7 +16,8 @@
 Every failure is a ``TeacherError`` naming the file: missing, empty, a folder, over the size cap,
 truncated/corrupt, unsafe (non-allowlisted globals), wrong architecture (the first mismatching
 keys, and the registry or torchvision architecture whose keys the checkpoint does have, when
-one does), wrong number of outputs, non-finite weights.
+one does), wrong number of outputs, non-finite weights, and finite weights that still give
+non-finite outputs (a negative BatchNorm ``running_var``, say) on a small seeded probe batch.
 """
 
 from __future__ import annotations
@@ -319,6 +320,37 @@ def _mismatches(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, 
         raise TeacherError(f"{path}: does not match architecture {arch!r}: " + "; ".join(parts) + hint)
 
 
+def probe_batch(in_chans: int, size: int) -> torch.Tensor:
+    """Four fixed images in [0, 1] to run a new teacher on: black, white and two of seeded noise."""
+    noise = torch.rand(2, in_chans, size, size, generator=torch.Generator().manual_seed(0))
+    flat = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1).expand(2, in_chans, size, size)
+    return torch.cat([flat, noise])
+
+
+def _check_outputs(teacher: Teacher, spec: TeacherSpec, path: Path, input_size: int) -> None:
+    """Run the probe batch: the output must have one logit per class and be finite everywhere."""
+    try:
+        with torch.no_grad():
+            out = teacher(probe_batch(spec.in_chans, input_size))
+    except (RuntimeError, AssertionError, ValueError, torch.jit.Error) as e:  # e.g. a ViT built for 224 x 224
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        first = (lines[-1] if isinstance(e, torch.jit.Error) else lines[0])[:200]  # TorchScript's cause comes last
+        raise TeacherError(f"{path}: the teacher fails on {input_size}x{input_size} inputs ({first})") from None
+    if out.ndim != 2 or out.shape[1] != spec.num_classes:
+        raise TeacherError(
+            f"{path}: the teacher has {out.shape[-1]} outputs but the class list has {spec.num_classes} classes"
+        )
+    if not bool(torch.isfinite(out).all()):
+        negative = [k for k, v in teacher.model.state_dict().items()
+                    if k.endswith("running_var") and v.is_floating_point() and bool((v < 0).any())]  # fmt: skip
+        where = f" (negative running_var in {', '.join(negative[:3])})" if negative else ""
+        raise TeacherError(
+            f"{path}: produces non-finite outputs (NaN/inf) on a probe batch although its weights are finite; "
+            f"check BatchNorm running statistics{where}: running_var must be positive, and a model that "
+            "diverged in training saves finite but unusable statistics"
+        )
+
+
 def load_teacher(spec: TeacherSpec, mean: list[float], std: list[float], input_size: int = 32) -> Teacher:
     """Build the frozen ``Teacher`` from ``spec``, or raise ``TeacherError``."""
     path = Path(spec.checkpoint)
@@ -352,10 +384,5 @@ def load_teacher(spec: TeacherSpec, mean: list[float], std: list[float], input_s
     else:
         raise TeacherError(f"teacher.format: {spec.format!r} is not one of state_dict, torchscript")
     teacher = Teacher(model, mean, std)
-    with torch.no_grad():
-        out = teacher(torch.zeros(1, spec.in_chans, input_size, input_size))
-    if out.ndim != 2 or out.shape[1] != spec.num_classes:
-        raise TeacherError(
-            f"{path}: the teacher has {out.shape[-1]} outputs but the class list has {spec.num_classes} classes"
-        )
+    _check_outputs(teacher, spec, path, input_size)
     return teacher

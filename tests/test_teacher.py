@@ -132,6 +132,35 @@ def test_t8_non_finite_weights(tmp_path: Path, weights: dict[str, torch.Tensor])
         load(p)
 
 
+def test_finite_weights_with_non_finite_outputs_are_refused(tmp_path: Path, weights: dict[str, torch.Tensor]) -> None:
+    bad = {k: v.clone() for k, v in weights.items()}
+    bad["bn1.running_var"][0] = -1.0  # finite, but sqrt(var + eps) is NaN for every input
+    p = tmp_path / "negvar.pt"
+    torch.save(bad, p)
+    with pytest.raises(TeacherError, match=rf"{p}: produces non-finite outputs \(NaN/inf\) on a probe batch.*"
+                                           r"check BatchNorm running statistics \(negative running_var in "
+                                           r"bn1.running_var\)"):  # fmt: skip
+        load(p)
+    from distill.teacher import probe_batch
+
+    assert torch.equal(probe_batch(3, 8), probe_batch(3, 8)) and probe_batch(1, 8).shape == (4, 1, 8, 8)
+
+
+def test_a_teacher_that_fails_on_the_input_size_is_a_teacher_error(tmp_path: Path) -> None:
+    class FixedSize(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[-1] != 224:
+                raise RuntimeError("expects 224 x 224 inputs")
+            return x.mean((2, 3))
+
+    p = tmp_path / "fixed.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in torch >= 2.10
+        torch.jit.script(FixedSize()).save(str(p))
+    with pytest.raises(TeacherError, match=f"{p}: the teacher fails on 32x32 inputs .*expects 224 x 224 inputs"):
+        load(p, format="torchscript", num_classes=3)
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], header_len: int | None = None) -> None:
     header, blobs, offset = {}, [], 0
     for k, v in tensors.items():
