@@ -16,6 +16,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from distill.data import batches, to_float
+from kd3util import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def train_classifier(
         t0 = time.time()
         order = torch.randperm(len(images), generator=gen).numpy()
         total, correct, loss_sum = 0, 0, 0.0
+        bar = progress_bar(len(images), f"epoch {epoch + 1}/{epochs}", unit="img")
         for sl in batches(len(images), batch_size):
             idx = np.sort(order[sl])  # sorted: contiguous-ish reads from a memmap
             x = augment(to_float(images[idx], input_size, device), gen)
@@ -77,15 +79,11 @@ def train_classifier(
             total += len(idx)
             correct += int((logits.argmax(1) == y).sum())
             loss_sum += loss.item() * len(idx)
+            bar.update(len(idx))
+        bar.close()
         row = {"epoch": epoch + 1, "loss": loss_sum / total, "train_acc": correct / total, "seconds": time.time() - t0}
         history.append(row)
-        log.info(
-            "epoch %d/%d loss %.4f train acc %.4f (%.1f s)",
-            epoch + 1,
-            epochs,
-            row["loss"],
-            row["train_acc"],
-            row["seconds"],
-        )
+        log.info("epoch %d/%d loss %.4f train acc %.4f (%.1f s)", epoch + 1, epochs, row["loss"], row["train_acc"],
+                 row["seconds"])  # fmt: skip
     model.eval()
     return history

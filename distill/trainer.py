@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distill.data import ImagePool, random_grayscale, random_resized_crop, to_float, uint8_to_float
+from kd3util import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +401,12 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         seen, skipped_run, skipped = 0, 0, self.epoch_info.get("skipped_steps", 0)
         t0 = time.time()
+        assert self.order is not None
+        steps = max(1, len(self.order) // self.schedule.batch_size)  # as in _batches
+        desc = f"epoch {self.epoch + 1}/{self.schedule.epochs}"
+        bar = progress_bar(steps - self.step, desc, unit="step", enabled=self.rank == 0)
         for n_glob, idx, u8 in self._batches():
+            bar.update(1)
             if self._stop_requested():
                 self.save()
                 signum = self._signal or signal.SIGTERM
@@ -420,6 +426,7 @@ class Trainer:
             seen += n_glob
             self.step += 1
             self.global_step += 1
+        bar.close()
         seconds = time.time() - t0
         self.sched.step()
         row: dict[str, Any] = {
@@ -444,5 +451,19 @@ class Trainer:
         self.save()
         if self.on_epoch is not None and self.rank == 0:
             self.on_epoch(row)
-        log.info("distill: %s", " ".join(f"{k} {v}" for k, v in row.items()))
+        if self.rank == 0:
+            log.info("distill: %s", epoch_line(row, self.schedule.epochs))
 
+
+
+def epoch_line(row: dict[str, Any], epochs: int) -> str:
+    """A short, rounded summary of an epoch's row (the full row goes to the per-epoch CSV)."""
+    parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row.get('loss', float('nan')):.4g}"]
+    if "selected_fraction" in row:
+        parts.append(f"selected {row['selected_fraction']:.0%}")
+    if "val_accuracy" in row:
+        parts.append(f"val {row['val_accuracy']:.4f}")
+    parts.append(f"{row['train_seconds']:.1f} s, {row['images_per_second']:.0f} img/s")
+    if row.get("skipped_steps"):
+        parts.append(f"{row['skipped_steps']} steps skipped")
+    return "  ".join(parts)

@@ -12,11 +12,24 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-__all__ = ["atomic_path", "format_table", "sha256_file", "write_bytes", "write_json", "write_text"]
+__all__ = [
+    "Terminated",
+    "atomic_path",
+    "format_table",
+    "progress_bar",
+    "sha256_file",
+    "sigterm_as_interrupt",
+    "write_bytes",
+    "write_json",
+    "write_text",
+]
 
 
 @contextlib.contextmanager
@@ -79,3 +92,29 @@ def format_table(rows: Sequence[Sequence[Any]], *, rules: Sequence[int] = (1,)) 
     for at in sorted({r % len(lines) if r < 0 else r for r in rules}, reverse=True):
         lines.insert(at, rule)
     return "\n".join(line.rstrip() for line in lines)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM delivered as an interrupt, so the clean-up path of Ctrl-C runs (the CLI exits 143)."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``Terminated`` instead of killing the process on the spot."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def progress_bar(total: int | None, desc: str, unit: str = "it", enabled: bool = True) -> Any:
+    """A tqdm bar on stderr with an ETA, drawn only when stderr is a terminal (quiet in logs and CI)."""
+    from tqdm import tqdm  # a dependency of the project, imported only where a bar is drawn
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not (enabled and sys.stderr.isatty()),
+                leave=False, dynamic_ncols=True)  # fmt: skip

@@ -58,7 +58,7 @@ def _guarded(fn: Callable[[], T]) -> T:
     from crawl.crawler import CrawlError
     from crawl.sources import SourceError
     from crawl.store import DiskFullError, StoreLockedError
-    from pipeline.crawl_stage import Terminated
+    from kd3util import Terminated
 
     try:
         return fn()

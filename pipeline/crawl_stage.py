@@ -10,31 +10,21 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from types import FrameType
 
 from crawl.classes import build_queries, read_classes, read_synonyms, select_shard
 from crawl.crawler import ClassReport, Crawler, CrawlError, peak_rss_mb, summary_table
 from crawl.download import Fetcher, HttpLimits
 from crawl.mirror import MirrorServer
 from crawl.sources import SearchContext, make_source
-from kd3util import write_json
+from kd3util import sigterm_as_interrupt, write_json
 from pipeline.artifacts.crawl import CrawlStore
 from pipeline.config import CrawlConfig, parse_shard
 
 log = logging.getLogger(__name__)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, delivered as an interrupt so the same clean-up path runs."""
-
-
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise Terminated()
 
 
 def http_limits(cfg: CrawlConfig) -> HttpLimits:
@@ -59,7 +49,8 @@ def run(cfg: CrawlConfig) -> list[ClassReport]:
         raise PermissionError(f"{out}: output folder is not writable")
     CrawlStore.save_classes(out, classes)
 
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    signals = ExitStack()
+    signals.enter_context(sigterm_as_interrupt())  # SIGTERM: in-flight downloads discarded, exit 143
     started = time.time()
     fetcher = Fetcher(http_limits(cfg))
     reports: list[ClassReport] = []
@@ -91,7 +82,7 @@ def run(cfg: CrawlConfig) -> list[ClassReport]:
                 error = e
                 reports = e.reports
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signals.close()
     report = {
         "shard": cfg.shard,
         "engines": list(cfg.engines),

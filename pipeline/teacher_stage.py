@@ -26,7 +26,7 @@ from distill.data import fashion_mnist_rgb32, resolve_device
 from distill.models import build_model
 from distill.supervised import train_classifier
 from distill.teacher import load_teacher
-from kd3util import atomic_path, sha256_file
+from kd3util import atomic_path, sha256_file, sigterm_as_interrupt
 from pipeline.artifacts.teacher import TeacherRecord
 from pipeline.config import TeacherConfig
 
@@ -66,7 +66,8 @@ def run(cfg: TeacherConfig) -> TeacherRecord:
     out.mkdir(parents=True, exist_ok=True)
     demo: dict[str, Any] | None = None
     if cfg.checkpoint is None:
-        ckpt, demo = _demo_teacher(cfg, len(classes), out)
+        with sigterm_as_interrupt():  # a stopped training leaves no checkpoint; the CLI exits 143
+            ckpt, demo = _demo_teacher(cfg, len(classes), out)
         fmt = "state_dict"
     else:
         ckpt, fmt = Path(cfg.checkpoint), cfg.format

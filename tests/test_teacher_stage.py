@@ -227,3 +227,29 @@ def test_label_refuses_non_finite_teacher_output(project: Path) -> None:
     result = runner.invoke(app, ["label", "--params", params])
     assert result.exit_code == 1 and "non-finite logits" in result.output and str(ckpt) in result.output
     assert not (project / "label" / "logits.npy").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_during_demo_teacher_training_exits_143_with_a_message(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    images, labels = synthetic_items(400, 3)
+    write_idx(tmp_path / "fm", images, labels)
+    (tmp_path / "classes.txt").write_text("\n".join(TINY_CLASSES))
+    (tmp_path / "params.yaml").write_text(f"""
+teacher: {{classes: {tmp_path}/classes.txt, out_dir: {tmp_path}/t, device: cpu,
+          demo: {{source: {tmp_path}/fm, first: 0, last: 1200, epochs: 200, batch_size: 32}}}}
+""")
+    cmd = [sys.executable, "-m", "pipeline.cli", "teacher", "--params", str(tmp_path / "params.yaml")]
+    with subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # wait until training has started
+            if "training the demo teacher" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=60) == 143, rest
+    assert "terminated (SIGTERM)" in rest and not (tmp_path / "t" / "teacher.pt").exists()
