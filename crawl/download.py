@@ -9,8 +9,17 @@ memory under the same rules. What it guarantees (RELIABILITY.md section 2):
   reading (a gzip bomb stops at the cap: urllib3 decodes with ``max_length``);
 - bounded retries with exponential backoff and full jitter for 5xx, 429 (honouring ``Retry-After``
   up to a cap), timeouts, resets and short bodies; 403 is not retried within a run; 404/410 are final;
-- redirects followed by hand: at most ``max_redirects`` hops, http(s) only, and never from one
-  host to a different loopback/private address (a search result must not reach internal services);
+- redirects followed by hand: at most ``max_redirects`` hops, http(s) only;
+- no request reaches an internal address, on any hop including the first (a search result must
+  not reach internal services): every connection resolves the host name itself, refuses if any
+  address it resolves to is loopback, link-local, private, unspecified, multicast, reserved or
+  otherwise not public (IPv4-mapped, 6to4 and Teredo IPv6 forms are judged by their IPv4 address;
+  numeric spellings such as ``2130706433`` or ``0x7f.1`` are judged after resolution), and then
+  connects to exactly the addresses it checked, so a name cannot resolve to a public address for
+  the check and an internal one for the connection. The reason code names the kind of address
+  (``loopback_address``, ``private_address``, ...). ``HttpLimits.allow_private`` turns the check
+  off; ``HttpLimits.allow_hosts`` and ``Fetcher.allow_endpoint`` allow single ``host:port``
+  endpoints (the mirror engine allows its own address this way, and only that);
 - content sniffing: the bytes decide what a file is, never the ``Content-Type`` header;
 - at most ``per_host_concurrency`` requests in flight per host and ``per_host_delay_s`` between
   request starts to one host;
@@ -30,10 +39,15 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
+import requests.adapters
 import urllib3
+import urllib3.connection
+import urllib3.exceptions
+import urllib3.util.connection
 from PIL import Image
 
 from crawl.store import DiskFullError, ObjectStore
@@ -58,6 +72,8 @@ class HttpLimits:
     max_retry_after_s: float = 60.0
     user_agent: str = "kd3/0.1"
     pool_size: int = 8
+    allow_private: bool = False  # let requests reach non-public addresses (an intranet crawl, tests)
+    allow_hosts: tuple[str, ...] = ()  # "host:port" endpoints allowed even when non-public ("[::1]:8080")
 
 
 @dataclass
@@ -181,19 +197,142 @@ def _host_key(url: str) -> str:
     return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
 
 
-def _is_internal(host: str | None) -> bool:
-    """True if ``host`` resolves to a loopback, private, link-local or otherwise non-public address."""
-    if not host:
-        return True
+def address_problem(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """The reason code refusing ``ip`` (``loopback_address``, ...), or None for a public address."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:  # ::ffff:a.b.c.d reaches a.b.c.d: its verdict is the verdict
+            return address_problem(ip.ipv4_mapped)
+        # 6to4 and Teredo carry an IPv4 address too: refuse if that one is internal
+        embedded = ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is not None and address_problem(embedded) is not None:
+            return address_problem(embedded)
+    checks = (
+        (ip.is_unspecified, "unspecified_address"),
+        (ip.is_loopback, "loopback_address"),
+        (ip.is_link_local, "link_local_address"),
+        (ip.is_multicast, "multicast_address"),
+        (ip.is_reserved, "reserved_address"),  # before private: Python counts 240.0.0.0/4 as both
+        (ip.is_private, "private_address"),
+        (not ip.is_global, "non_public_address"),  # e.g. 100.64.0.0/10 (carrier-grade NAT)
+    )
+    return next((reason for bad, reason in checks if bad), None)
+
+
+def _ip(sockaddr_host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(sockaddr_host.split("%", 1)[0])  # drop an IPv6 zone ("fe80::1%eth0")
+
+
+class AddressRefused(Exception):
+    """A connection would reach a non-public address that is not allowed (``reason``: the code)."""
+
+    def __init__(self, reason: str, host: str, ip: str) -> None:
+        super().__init__(f"{host} resolves to {ip} ({reason})")
+        self.reason = reason
+
+
+def _split_endpoint(value: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port); anything else is a ValueError naming it."""
+    parts = urlsplit(value if "//" in value else f"//{value}")
     try:
-        infos = socket.getaddrinfo(host, None)
-    except OSError:
-        return False  # unresolvable: the request itself will fail with connection_error
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
-        if not ip.is_global:
-            return True
-    return False
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None:
+        raise ValueError(f"allowed endpoint {value!r}: expected host:port (IPv6: [addr]:port)")
+    return parts.hostname, port
+
+
+def _norm_host(host: str) -> str:
+    return host.strip("[]").rstrip(".").lower()
+
+
+class AddressGuard:
+    """Resolves a host, refuses non-public addresses that are not allowed, returns what to connect to.
+
+    Allowed endpoints are matched by the host name (or IP literal) and port as the URL spells
+    them, so allowing the mirror at ``127.0.0.1:47611`` allows no other port, and no other name.
+    Nothing is resolved when an endpoint is allowed (a default engine URL costs no DNS lookup).
+    """
+
+    def __init__(self, allow_private: bool, allow_hosts: tuple[str, ...] = ()) -> None:
+        self.allow_private = allow_private
+        self._lock = threading.Lock()
+        self._allowed: set[tuple[str, int]] = set()
+        for entry in allow_hosts:
+            self.allow(*_split_endpoint(entry))
+
+    def allow(self, host: str, port: int) -> None:
+        """Allow the endpoint ``host:port`` whatever it resolves to."""
+        with self._lock:
+            self._allowed.add((_norm_host(host), int(port)))
+
+    def resolve(self, host: str, port: int) -> list[tuple[Any, ...]]:
+        """``getaddrinfo`` results for ``host:port``, or ``AddressRefused`` if any address is refused.
+
+        Every address must pass: a name with one public and one internal address is refused, since
+        which one a connection would use is not ours to choose.
+        """
+        name = _norm_host(host)
+        infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+        if self.allow_private or (name, port) in self._allowed:
+            return infos
+        for info in infos:
+            ip = _ip(info[4][0])
+            problem = address_problem(ip)
+            if problem is not None:
+                raise AddressRefused(problem, host, str(ip))
+        return infos
+
+
+class _GuardedConnection(urllib3.connection.HTTPConnection):
+    """An urllib3 connection that resolves through an ``AddressGuard`` and connects to what it checked."""
+
+    guard: AddressGuard  # set on the per-fetcher subclass
+
+    def _new_conn(self) -> socket.socket:
+        try:
+            infos = self.guard.resolve(self._dns_host, self.port)
+        except socket.gaierror as e:
+            raise urllib3.exceptions.NewConnectionError(self, f"Failed to resolve {self.host}: {e}") from e
+        error: Exception | None = None
+        for *_, sockaddr in infos:  # an IP literal each: connecting resolves nothing more
+            try:
+                return urllib3.util.connection.create_connection(
+                    (sockaddr[0], self.port),
+                    self.timeout,
+                    source_address=self.source_address,
+                    socket_options=self.socket_options,
+                )
+            except TimeoutError as e:
+                error = urllib3.exceptions.ConnectTimeoutError(
+                    self, f"Connection to {self.host} timed out. (connect timeout={self.timeout})"
+                )
+                error.__cause__ = e
+            except OSError as e:
+                error = urllib3.exceptions.NewConnectionError(self, f"Failed to establish a new connection: {e}")
+                error.__cause__ = e
+        raise error or urllib3.exceptions.NewConnectionError(self, f"{self.host}: no address")
+
+
+class _GuardedHTTPSConnection(_GuardedConnection, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _GuardedAdapter(requests.adapters.HTTPAdapter):
+    """An adapter whose pools make ``_GuardedConnection`` s bound to one fetcher's guard."""
+
+    def __init__(self, guard: AddressGuard, **kwargs: Any) -> None:
+        http_conn = type("GuardedHTTPConnection", (_GuardedConnection,), {"guard": guard})
+        https_conn = type("GuardedHTTPSConnection", (_GuardedHTTPSConnection,), {"guard": guard})
+        self._pools = {
+            "http": type("GuardedHTTPPool", (urllib3.HTTPConnectionPool,), {"ConnectionCls": http_conn}),
+            "https": type("GuardedHTTPSPool", (urllib3.HTTPSConnectionPool,), {"ConnectionCls": https_conn}),
+        }
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = self._pools
 
 
 class Fetcher:
@@ -203,13 +342,25 @@ class Fetcher:
         self.limits = limits
         self.stop = stop or threading.Event()
         self.gate = HostGate(limits.per_host_concurrency, limits.per_host_delay_s)
+        self.guard = AddressGuard(limits.allow_private, limits.allow_hosts)
         self._local = threading.local()
+
+    def allow_endpoint(self, url: str) -> None:
+        """Allow requests to the scheme-host-port of ``url`` even if its address is not public.
+
+        For an endpoint the operator configured (the mirror, a local search engine); search results
+        pointing elsewhere on the same network stay refused.
+        """
+        parts = urlsplit(url)
+        if not parts.hostname:
+            raise ValueError(f"allow_endpoint: {url!r} has no host")
+        self.guard.allow(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
 
     def session(self) -> requests.Session:
         s = getattr(self._local, "session", None)
         if s is None:
             s = requests.Session()
-            adapter = requests.adapters.HTTPAdapter(pool_maxsize=self.limits.pool_size, max_retries=0)
+            adapter = _GuardedAdapter(self.guard, pool_maxsize=self.limits.pool_size, max_retries=0)
             s.mount("http://", adapter)
             s.mount("https://", adapter)
             s.headers["User-Agent"] = self.limits.user_agent
@@ -256,13 +407,11 @@ class Fetcher:
     ) -> FetchOutcome:
         lim = self.limits
         current = url
-        origin = _host_key(url)
         for hop in range(lim.max_redirects + 1):
             scheme = urlsplit(current).scheme.lower()
             if scheme not in ("http", "https"):
                 raise _Fail("redirect_blocked" if hop else "bad_url")
-            if hop and _host_key(current) != origin and _is_internal(urlsplit(current).hostname):
-                raise _Fail("redirect_blocked")
+            # every hop's address is checked when its connection is made (AddressGuard)
             host = _host_key(current)
             self.gate.acquire(host, deadline, self.stop)
             try:
@@ -289,6 +438,8 @@ class Fetcher:
         timeout = (min(lim.connect_timeout_s, remaining), min(lim.read_timeout_s, remaining))
         try:
             return self.session().get(url, stream=True, allow_redirects=False, timeout=timeout)
+        except AddressRefused as e:
+            raise _Fail(e.reason) from None
         except requests.exceptions.SSLError:
             raise _Fail("tls_error") from None
         except requests.exceptions.Timeout:

@@ -175,7 +175,18 @@ def parse_bing_page(content: bytes) -> list[str]:
 
 @register_source("bing")
 class BingSource(_PagedSource):
+    """Bing's async image results at ``SearchContext.bing_base_url``.
+
+    The configured base URL's own ``host:port`` is allowed by the fetcher even if it is not a
+    public address (an operator's choice, e.g. a local stand-in for Bing); result URLs that point
+    anywhere else on an internal network stay refused.
+    """
+
     page_step = 35  # the async endpoint returns up to 35 results per page
+
+    def __init__(self, ctx: SearchContext) -> None:
+        super().__init__(ctx)
+        ctx.fetcher.allow_endpoint(self.base_url())
 
     def base_url(self) -> str:
         return self.ctx.bing_base_url.rstrip("/")
@@ -189,12 +200,16 @@ class BingSource(_PagedSource):
 
 @register_source("mirror")
 class MirrorSource(BingSource):
-    """Bing's engine pointed at the offline mirror (``SearchContext.mirror_base_url``)."""
+    """Bing's engine pointed at the offline mirror (``SearchContext.mirror_base_url``).
+
+    The mirror listens on loopback: its own ``host:port`` (and only that) is allowed by the
+    fetcher, for its result pages and for the images it serves.
+    """
 
     def __init__(self, ctx: SearchContext) -> None:
-        super().__init__(ctx)
         if not ctx.mirror_base_url:
             raise SourceError("engine mirror: the mirror is not running (no mirror_base_url)")
+        super().__init__(ctx)
 
     def base_url(self) -> str:
         return str(self.ctx.mirror_base_url).rstrip("/")

@@ -28,6 +28,11 @@ LIMITS = HttpLimits(per_host_concurrency=4, per_host_delay_s=0.0, retries=2, bac
 CLASSES = parse_classes("\n".join(TINY_CLASSES))
 
 
+def open_to(server: HostileServer) -> Fetcher:
+    """A fetcher allowed to reach ``server`` on loopback (the mirror engine allows its own address itself)."""
+    return Fetcher(HttpLimits(**{**LIMITS.__dict__, "allow_hosts": (server.base.split("//")[1],)}))
+
+
 def crawler(out: Path, ctx: SearchContext, engines: tuple[str, ...] = ("mirror",), **kw: object) -> Crawler:
     sources = {e: make_source(e, ctx) for e in engines}
     args = {"workers": 4, "per_class": 100, "min_per_class": 1, "progress": False, **kw}
@@ -97,7 +102,7 @@ def test_identical_bytes_and_shared_urls_are_fetched_and_stored_once(hostile: Ho
         f"T-shirt/top\t{hostile.url('/a.jpg')}\nT-shirt/top\t{hostile.url('/b.jpg')}\n"
         f"Trouser\t{hostile.url('/a.jpg')}\nBag\t{hostile.url('/c.jpg')}\n"
     )
-    ctx = SearchContext(Fetcher(LIMITS), urls_file=str(tsv))
+    ctx = SearchContext(open_to(hostile), urls_file=str(tsv))
     crawler(tmp_path / "c", ctx, engines=("urls",)).run(CLASSES)
     records = read_jsonl(tmp_path / "c" / "manifest.jsonl")
     assert len(records) == 4 and len({r["sha256"] for r in records}) == 1
@@ -110,7 +115,7 @@ def test_class_with_zero_candidates_is_an_error_naming_class_and_engine(hostile:
     tsv = tmp_path / "urls.tsv"
     hostile.routes["/a.jpg"] = respond(200, jpeg_bytes())
     tsv.write_text(f"T-shirt/top\t{hostile.url('/a.jpg')}\n")
-    ctx = SearchContext(Fetcher(LIMITS), urls_file=str(tsv))
+    ctx = SearchContext(open_to(hostile), urls_file=str(tsv))
     with pytest.raises(CrawlError) as e:
         crawler(tmp_path / "c", ctx, engines=("urls",)).run(CLASSES)
     msg = str(e.value)
@@ -199,12 +204,12 @@ def test_edited_urls_file_is_read_again_and_the_report_says_what_was_skipped(
     tsv = tmp_path / "urls.tsv"
     tsv.write_text(f"Bag\t{hostile.url('/a.jpg')}\nBag\t{hostile.url('/gone.jpg')}\n")
     bag = parse_classes("Bag")
-    ctx = SearchContext(Fetcher(LIMITS), urls_file=str(tsv))
+    ctx = SearchContext(open_to(hostile), urls_file=str(tsv))
     first = crawler(tmp_path / "c", ctx, engines=("urls",)).run(bag)[0]
     assert (first.requests, first.downloaded, first.skipped_ok, first.skipped_failed) == (2, 1, 0, 0)
     with tsv.open("a") as f:
         f.write(f"Bag\t{hostile.url('/b.jpg')}\n")  # the user adds a URL and reruns
-    ctx = SearchContext(Fetcher(LIMITS), urls_file=str(tsv))
+    ctx = SearchContext(open_to(hostile), urls_file=str(tsv))
     second = crawler(tmp_path / "c", ctx, engines=("urls",)).run(bag)[0]
     assert len(hostile.hits("/b.jpg")) == 1 and len(hostile.hits("/a.jpg")) == 1
     assert (second.requests, second.new, second.downloaded) == (1, 1, 2)
@@ -224,7 +229,7 @@ def test_retry_failed_requests_final_failures_again(hostile: HostileServer, tmp_
         f"Bag\t{hostile.url('/back.jpg')}\nBag\t{hostile.url('/ok.jpg')}\nTrouser\t{hostile.url('/back.jpg')}\n"
     )
     two = parse_classes("Trouser\nBag")
-    ctx = SearchContext(Fetcher(LIMITS), urls_file=str(tsv))
+    ctx = SearchContext(open_to(hostile), urls_file=str(tsv))
     with pytest.raises(CrawlError, match="class 'Trouser': 0 images downloaded"):
         crawler(tmp_path / "c", ctx, engines=("urls",)).run(two)
     assert len(hostile.hits("/back.jpg")) == 1  # a 404 is final, and shared across classes

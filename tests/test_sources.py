@@ -181,7 +181,8 @@ def test_greedy_source_crawls_within_the_site(hostile: HostileServer) -> None:
     hostile.routes["/page2.html"] = respond(
         200, f'<html><img src="{base}/b.png"></html>'.encode(), {"Content-Type": "text/html"}
     )
-    ctx = SearchContext(Fetcher(LIMITS), greedy_domains=[f"{base}/search?q={{query}}"], greedy_max_pages=5)
+    limits = HttpLimits(**{**LIMITS.__dict__, "allow_hosts": (base.split("//")[1],)})  # a loopback "site"
+    ctx = SearchContext(Fetcher(limits), greedy_domains=[f"{base}/search?q={{query}}"], greedy_max_pages=5)
     urls = make_source("greedy", ctx).search(SHIRT, "bag", 10)
     assert urls == [f"{base}/a.jpg", f"{base}/b.png"]
     assert {e["path"] for e in hostile.log} == {"/search?q=bag", "/page2.html"}
