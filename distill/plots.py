@@ -48,3 +48,14 @@ def confusion_image(cm: np.ndarray, names: list[str], path: str | Path, title: s
     d.text((left, top + k * cell + 8), "columns: predicted class index", fill="black", font=font)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
+
+
+def message_image(path: str | Path, title: str, message: str) -> None:
+    """A small PNG that says why there is no plot (DVC expects every declared plot file to exist)."""
+    font = ImageFont.load_default(size=12)
+    img = Image.new("RGB", (480, 80), "white")
+    d = ImageDraw.Draw(img)
+    d.text((8, 10), title, fill="black", font=font)
+    d.text((8, 40), message, fill=(120, 60, 0), font=font)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)

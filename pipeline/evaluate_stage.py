@@ -7,7 +7,9 @@ the demo keeps test[0:2000] aside as a validation split). Writes ``metrics/teach
 (accuracy, per-class accuracy) and ``metrics/teacher_confusion.png``; with ``student_dir`` also
 ``metrics/student.json`` (the exported student's accuracy, per-class accuracy, agreement with the
 teacher on the same set and on the web images the distill stage held out) and
-``metrics/student_confusion.png``.
+``metrics/student_confusion.png``. Without a labelled set (both ``eval_dir`` and ``fashion_mnist``
+null) accuracy cannot be measured: the stage still scores the student's agreement with the teacher
+on the held-out web images, and the PNGs say why they hold no matrix.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from distill.data import holdout_mask, resolve_device
 from distill.label import confusion, predict
-from distill.plots import confusion_image
+from distill.plots import confusion_image, message_image
 from distill.teacher import Teacher
 from kd3util import write_json
 from pipeline.artifacts.clean import CleanSet
@@ -32,16 +34,28 @@ from pipeline.config import EvaluateConfig
 from pipeline.evalset import load_eval_set
 
 log = logging.getLogger(__name__)
+NO_EVAL_SET = "no labelled set (evaluate.eval_dir): accuracy not measured, only agreement with the teacher"
 
 
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
     record = TeacherRecord.load(cfg.teacher_dir)
     teacher = record.load_teacher()
     classes = record.classes
-    images, labels, source, skipped = load_eval_set(cfg.eval_dir, cfg.fashion_mnist, cfg.first, cfg.last, classes,
-                                                    record.input_size)  # fmt: skip
     device = resolve_device(cfg.device)
     teacher.to(device)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (cfg.eval_dir or cfg.fashion_mnist):
+        # no labelled images of the original distribution: agreement with the teacher is all we can measure
+        metrics: dict[str, Any] = {"eval_set": None, "eval_images": 0, "teacher_sha256": record.sha256}
+        write_json(out / "teacher.json", metrics)
+        message_image(out / "teacher_confusion.png", "teacher", NO_EVAL_SET)
+        print(f"evaluate: {NO_EVAL_SET}", file=sys.stderr)
+        if cfg.student_dir:
+            metrics["student"] = _student(cfg, teacher, device, record, None, out)
+        return metrics
+    images, labels, source, skipped = load_eval_set(cfg.eval_dir, cfg.fashion_mnist, cfg.first, cfg.last, classes,
+                                                    record.input_size)  # fmt: skip
     logits = predict(teacher, images, input_size=record.input_size, in_chans=record.in_chans,
                      batch_size=cfg.batch_size, device=device)  # fmt: skip
     pred = logits.argmax(1)
@@ -56,8 +70,6 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         "skipped_files": skipped,
         "teacher_sha256": record.sha256,
     }
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "teacher.json", metrics)
     confusion_image(cm, classes, out / "teacher_confusion.png", f"teacher on {source}")
     print(
@@ -65,28 +77,35 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         file=sys.stderr,
     )
     if cfg.student_dir:
-        metrics["student"] = _student(cfg, teacher, device, record, images, labels, pred, source, out)
+        metrics["student"] = _student(cfg, teacher, device, record, (images, labels, pred, source), out)
     return metrics
 
 
-def _student(cfg: EvaluateConfig, teacher: Teacher, device: torch.device, record: TeacherRecord, images: np.ndarray,
-             labels: np.ndarray, teacher_pred: np.ndarray, source: str, out: Path) -> dict[str, Any]:  # fmt: skip
-    """The exported student on the same set, its agreement with the teacher there and on held-out web images."""
+def _student(
+    cfg: EvaluateConfig, teacher: Teacher, device: torch.device, record: TeacherRecord,
+    labelled: tuple[np.ndarray, np.ndarray, np.ndarray, str] | None, out: Path,
+) -> dict[str, Any]:  # fmt: skip
+    """The exported student on the labelled set (images, labels, the teacher's predictions, its name) if
+    there is one, and its agreement with the teacher there and on the web images distill held out."""
     exported = ExportedStudent.load(cfg.student_dir, record)  # type: ignore[arg-type]
     model, meta = exported.load_model(), exported.meta
     classes = record.classes
     cpu = torch.device("cpu")  # the exported TorchScript student is evaluated where it will be deployed
     kw = {"input_size": meta["input_size"], "in_chans": meta["in_chans"], "batch_size": cfg.batch_size, "device": cpu}
-    pred = predict(model, images, **kw).argmax(1)
-    cm = confusion(labels.astype(np.int64), pred, len(classes))
-    metrics: dict[str, Any] = {
-        "student_accuracy": round(float((pred == labels).mean()), 4),
-        "student_per_class": {c: round(float(cm[k, k] / max(cm[k].sum(), 1)), 4) for k, c in enumerate(classes)},
-        "agreement_eval": round(float((pred == teacher_pred).mean()), 4),
-        "method": meta["method"],
-        "student": meta["student"],
-        "eval_images": len(labels),
-    }
+    metrics: dict[str, Any] = {"method": meta["method"], "student": meta["student"], "eval_images": 0}
+    if labelled is not None:
+        images, labels, teacher_pred, source = labelled
+        pred = predict(model, images, **kw).argmax(1)
+        cm = confusion(labels.astype(np.int64), pred, len(classes))
+        metrics.update({
+            "student_accuracy": round(float((pred == labels).mean()), 4),
+            "student_per_class": {c: round(float(cm[k, k] / max(cm[k].sum(), 1)), 4) for k, c in enumerate(classes)},
+            "agreement_eval": round(float((pred == teacher_pred).mean()), 4),
+            "eval_images": len(labels),
+        })  # fmt: skip
+        confusion_image(cm, classes, out / "student_confusion.png", f"student ({meta['method']}) on {source}")
+    else:
+        message_image(out / "student_confusion.png", f"student ({meta['method']})", NO_EVAL_SET)
     clean = CleanSet.load(meta["clean_dir"])
     rows = np.flatnonzero(holdout_mask(clean.keys, meta["holdout"]))
     metrics["heldout_web_images"] = len(rows)
@@ -95,8 +114,10 @@ def _student(cfg: EvaluateConfig, teacher: Teacher, device: torch.device, record
         t_web = predict(teacher, web, **{**kw, "device": device}).argmax(1)  # the teacher loaded once, in run()
         metrics["agreement_heldout_web"] = round(float((predict(model, web, **kw).argmax(1) == t_web).mean()), 4)
     write_json(out / "student.json", metrics)
-    confusion_image(cm, classes, out / "student_confusion.png", f"student ({meta['method']}) on {source}")
-    print(f"evaluate: student accuracy {metrics['student_accuracy']:.4f}, agreement with the teacher "
-          f"{metrics['agreement_eval']:.4f} (eval set), {metrics.get('agreement_heldout_web', float('nan')):.4f} "
-          f"({len(rows)} held-out web images)", file=sys.stderr)  # fmt: skip
+    web = f"{metrics.get('agreement_heldout_web', float('nan')):.4f} on {len(rows)} held-out web images"
+    if labelled is not None:
+        print(f"evaluate: student accuracy {metrics['student_accuracy']:.4f}, agreement with the teacher "
+              f"{metrics['agreement_eval']:.4f} (eval set), {web}", file=sys.stderr)  # fmt: skip
+    else:
+        print(f"evaluate: student agreement with the teacher {web}", file=sys.stderr)
     return metrics
