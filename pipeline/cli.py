@@ -113,6 +113,9 @@ def crawl(
     shard: Annotated[str | None, typer.Option(help="i/n: crawl every n-th class starting at i")] = None,
     urls_file: Annotated[Path | None, typer.Option(help="TSV class<TAB>url for engine 'urls'")] = None,
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="progress bars")] = None,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="request again the URLs an earlier run gave up on")
+    ] = False,
 ) -> None:
     """Search the web by class name and download images with full provenance (resumable)."""
     _setup_logging()
@@ -135,7 +138,7 @@ def crawl(
             floor = (read_params(params).get("crawl") or {}).get("min_per_class", CrawlConfig.min_per_class)
             if isinstance(floor, int) and floor > per_class:
                 overrides["min_per_class"] = per_class
-        return crawl_stage.run(load_section(params, "crawl", CrawlConfig, overrides))
+        return crawl_stage.run(load_section(params, "crawl", CrawlConfig, overrides), retry_failed=retry_failed)
 
     _guarded(go)
 

@@ -115,6 +115,7 @@ class HttpConfig:
     backoff_s: float = opt(1.0, 0, 60)  # base of the exponential backoff (full jitter)
     max_retry_after_s: float = opt(60.0, 0, 3600)  # Retry-After is honoured up to this
     user_agent: str = "kd3/0.1 (+https://github.com/kd3-project/kd3)"
+    allow_private: bool = False  # fetch from loopback, link-local and private addresses (your own intranet server)
 
 
 @dataclass(frozen=True)

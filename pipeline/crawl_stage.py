@@ -34,11 +34,15 @@ def http_limits(cfg: CrawlConfig) -> HttpLimits:
         connect_timeout_s=h.connect_timeout_s, read_timeout_s=h.read_timeout_s, deadline_s=h.deadline_s,
         max_bytes=h.max_bytes, max_redirects=h.max_redirects, retries=h.retries, backoff_s=h.backoff_s,
         max_retry_after_s=h.max_retry_after_s, user_agent=h.user_agent, pool_size=max(h.workers, 4),
+        allow_private=h.allow_private,
     )  # fmt: skip
 
 
-def run(cfg: CrawlConfig) -> list[ClassReport]:
-    """Run the crawl; raises ``CrawlError`` (after writing the report) when classes come back short."""
+def run(cfg: CrawlConfig, retry_failed: bool = False) -> list[ClassReport]:
+    """Run the crawl; raises ``CrawlError`` (after writing the report) when classes come back short.
+
+    ``retry_failed``: request again the URLs an earlier run gave up on (``kd3 crawl --retry-failed``).
+    """
     classes = read_classes(cfg.classes)
     synonyms = read_synonyms(cfg.synonyms, classes) if cfg.synonyms else {}
     shard_i, shard_n = parse_shard(cfg.shard)
@@ -47,7 +51,6 @@ def run(cfg: CrawlConfig) -> list[ClassReport]:
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise PermissionError(f"{out}: output folder is not writable")
-    CrawlStore.save_classes(out, classes)
 
     signals = ExitStack()
     signals.enter_context(sigterm_as_interrupt())  # SIGTERM: in-flight downloads discarded, exit 143
@@ -74,8 +77,11 @@ def run(cfg: CrawlConfig) -> list[ClassReport]:
             crawler = Crawler(
                 out, sources, lambda c: build_queries(c.name, cfg.queries, synonyms.get(c.name, [])), fetcher,
                 workers=cfg.http.workers, per_class=cfg.per_class, oversample=cfg.oversample,
-                min_per_class=cfg.min_per_class, progress=cfg.progress,
+                min_per_class=cfg.min_per_class, progress=cfg.progress, retry_failed=retry_failed,
             )  # fmt: skip
+            # the store's lock first: a second crawl on this folder is refused before it writes anything
+            stack.enter_context(crawler.lock())
+            CrawlStore.save_classes(out, classes)
             try:
                 reports = crawler.run(mine)
             except CrawlError as e:
