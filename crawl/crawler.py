@@ -2,7 +2,9 @@
 
 ``Crawler.run(classes)`` is what ``kd3 crawl`` calls. For each class it gathers candidates from
 every engine and query template (interleaved by rank, duplicates dropped), then downloads them on a
-thread pool until the class has ``per_class`` images or runs out of candidates. Everything it learns
+thread pool until the class has ``per_class`` images or runs out of candidates. Images are counted
+as distinct objects (sha256) per class, toward ``per_class`` and ``min_per_class`` alike: 3,000 URLs
+serving the same bytes are one image (and 2,999 ``duplicates``). Everything it learns
 is appended to files in ``out_dir`` as it happens:
 
 - ``searches.jsonl``: the URL list each (class, engine, query) search returned, so a rerun does
@@ -70,8 +72,9 @@ class ClassReport:
     name: str
     index: int
     candidates: dict[str, int] = field(default_factory=dict)  # engine -> unique URLs found
-    downloaded: int = 0  # images stored for this class (all runs)
-    new: int = 0  # of which in this run
+    downloaded: int = 0  # distinct images (sha256) stored for this class (all runs)
+    new: int = 0  # of which first stored for this class in this run
+    duplicates: int = 0  # ok URLs whose bytes this class already had (all runs; not counted above)
     requests: int = 0  # image URLs requested over the network in this run
     searches: int = 0  # engine searches run in this run (a rerun reuses searches.jsonl)
     skipped_ok: int = 0  # candidates not requested: an earlier run downloaded them
@@ -85,6 +88,7 @@ class ClassReport:
             "candidates": self.candidates,
             "downloaded": self.downloaded,
             "new": self.new,
+            "duplicates": self.duplicates,
             "requests": self.requests,
             "searches": self.searches,
             "skipped_ok": self.skipped_ok,
@@ -175,7 +179,7 @@ class Crawler:
                     reports.append(report)
                     if report.downloaded < self.min_per_class:
                         problems.append(
-                            f"class {cls.name!r}: {report.downloaded} images downloaded, "
+                            f"class {cls.name!r}: {report.downloaded} distinct images downloaded, "
                             f"fewer than min_per_class={self.min_per_class}"
                         )
         if problems:
@@ -248,7 +252,10 @@ class Crawler:
         report: ClassReport,
     ) -> None:
         mine = {url: r for (name, url), r in latest.items() if name == cls.name}
-        report.downloaded = sum(r.status == "ok" for r in mine.values())
+        # per_class and min_per_class count distinct objects: a URL repeating bytes adds nothing
+        objects = {r.sha256 or r.url for r in mine.values() if r.status == "ok"}
+        report.downloaded = len(objects)
+        report.duplicates = sum(r.status == "ok" for r in mine.values()) - len(objects)
         for r in mine.values():
             if r.status != "ok":
                 report.failed[r.reason or "unknown"] += 1
@@ -282,9 +289,13 @@ class Crawler:
             manifest.write(rec)
             mine[c.url] = rec
             if rec.status == "ok":
-                report.downloaded += 1
-                report.new += 1
-                bar.update(1)
+                if (rec.sha256 or rec.url) in objects:
+                    report.duplicates += 1
+                else:
+                    objects.add(rec.sha256 or rec.url)
+                    report.downloaded += 1
+                    report.new += 1
+                    bar.update(1)
             else:
                 report.failed[rec.reason or "unknown"] += 1
             if rec.is_final:
@@ -358,23 +369,25 @@ def peak_rss_mb() -> float:
 def summary_table(reports: list[ClassReport]) -> str:
     """A fixed-width table: one row per class and a total row.
 
-    ``skipped ok`` / ``skipped failed`` count candidates not requested because an earlier run
-    finished them (so a rerun that requests nothing says why).
+    ``downloaded`` counts distinct images, ``duplicates`` the URLs that served bytes the class
+    already had. ``skipped ok`` / ``skipped failed`` count candidates not requested because an
+    earlier run finished them (so a rerun that requests nothing says why).
     """
-    rows = [("class", "found", "downloaded", "new", "requests", "skipped ok", "skipped failed", "failed",
-             "top failure reasons")]  # fmt: skip
+    head = ("class", "found", "downloaded", "new", "duplicates", "requests", "skipped ok", "skipped failed",
+            "failed", "top failure reasons")  # fmt: skip
+
+    def counts(rs: list[ClassReport]) -> tuple[str, ...]:
+        keys = ("downloaded", "new", "duplicates", "requests", "skipped_ok", "skipped_failed")
+        found = sum(sum(r.candidates.values()) for r in rs)
+        failed = sum(sum(r.failed.values()) for r in rs)
+        return (str(found), *(str(sum(getattr(r, k) for r in rs)) for k in keys), str(failed))
+
+    rows = [head]
     total_failed: Counter[str] = Counter()
     for r in reports:
         total_failed.update(r.failed)
-        top = ", ".join(f"{k} {v}" for k, v in r.failed.most_common(3))
-        rows.append((r.name[:30], str(sum(r.candidates.values())), str(r.downloaded), str(r.new),
-                     str(r.requests), str(r.skipped_ok), str(r.skipped_failed), str(sum(r.failed.values())),
-                     top))  # fmt: skip
-    top = ", ".join(f"{k} {v}" for k, v in total_failed.most_common(4))
-    found = sum(sum(r.candidates.values()) for r in reports)
-    rows.append(("TOTAL", str(found), str(sum(r.downloaded for r in reports)), str(sum(r.new for r in reports)),
-                 str(sum(r.requests for r in reports)), str(sum(r.skipped_ok for r in reports)),
-                 str(sum(r.skipped_failed for r in reports)), str(sum(total_failed.values())), top))  # fmt: skip
+        rows.append((r.name[:30], *counts([r]), ", ".join(f"{k} {v}" for k, v in r.failed.most_common(3))))
+    rows.append(("TOTAL", *counts(reports), ", ".join(f"{k} {v}" for k, v in total_failed.most_common(4))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):

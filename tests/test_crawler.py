@@ -111,6 +111,33 @@ def test_identical_bytes_and_shared_urls_are_fetched_and_stored_once(hostile: Ho
     assert len(hostile.hits("/a.jpg")) == 1  # the URL shared by two classes is requested once
 
 
+def test_urls_serving_the_same_bytes_count_as_one_image(hostile: HostileServer, tmp_path: Path) -> None:
+    same = jpeg_bytes()
+    lines = []
+    for i in range(6):
+        hostile.routes[f"/same{i}.jpg"] = respond(200, same)
+        lines.append(f"Bag\t{hostile.url(f'/same{i}.jpg')}\n")
+    for i in range(2):
+        hostile.routes[f"/other{i}.jpg"] = respond(200, jpeg_bytes(colour=(0, 90 * i, 200)))
+        lines.append(f"Bag\t{hostile.url(f'/other{i}.jpg')}\n")
+    hostile.routes["/also-same.jpg"] = respond(200, same)
+    lines.append(f"Trouser\t{hostile.url('/also-same.jpg')}\n")
+    tsv = tmp_path / "urls.tsv"
+    tsv.write_text("".join(lines))
+    ctx = SearchContext(open_to(hostile), urls_file=str(tsv))
+    reports = crawler(tmp_path / "c", ctx, engines=("urls",), per_class=3, oversample=3).run(
+        parse_classes("Bag\nTrouser")
+    )
+    bag, trouser = reports
+    assert (bag.downloaded, bag.new, bag.duplicates, bag.requests) == (3, 3, 5, 8)  # kept going past the copies
+    assert (trouser.downloaded, trouser.duplicates) == (1, 0)  # another class's copy is this class's image
+    assert bag.as_dict()["duplicates"] == 5
+    with pytest.raises(CrawlError, match="class 'Bag': 3 distinct images downloaded, fewer than min_per_class=4"):
+        crawler(tmp_path / "c", ctx, engines=("urls",), per_class=3, oversample=3, min_per_class=4).run(
+            parse_classes("Bag")
+        )
+
+
 def test_class_with_zero_candidates_is_an_error_naming_class_and_engine(hostile: HostileServer, tmp_path: Path) -> None:
     tsv = tmp_path / "urls.tsv"
     hostile.routes["/a.jpg"] = respond(200, jpeg_bytes())
@@ -137,7 +164,7 @@ def test_captcha_page_fails_the_class_not_the_crawl_silently(hostile: HostileSer
 
 def test_too_few_images_is_an_error(mirror: MirrorServer, tmp_path: Path) -> None:
     ctx = SearchContext(Fetcher(LIMITS), mirror_base_url=mirror.base_url)
-    with pytest.raises(CrawlError, match="class 'Bag': 1[0-2] images downloaded, fewer than min_per_class=20"):
+    with pytest.raises(CrawlError, match="class 'Bag': 1[0-2] distinct images downloaded, fewer than min_per_class=20"):
         crawler(tmp_path / "c", ctx, min_per_class=20).run(CLASSES)
 
 
@@ -216,8 +243,8 @@ def test_edited_urls_file_is_read_again_and_the_report_says_what_was_skipped(
     assert (second.skipped_ok, second.skipped_failed) == (1, 1)
     assert second.as_dict()["skipped_ok"] == 1 and second.as_dict()["skipped_failed"] == 1
     table = summary_table([second]).splitlines()
-    assert table[0].split()[5:8] == ["skipped", "ok", "skipped"]
-    assert table[-1].split()[:8] == ["TOTAL", "3", "2", "1", "1", "1", "1", "1"]
+    assert table[0].split()[6:9] == ["skipped", "ok", "skipped"]
+    assert table[-1].split()[:9] == ["TOTAL", "3", "2", "1", "0", "1", "1", "1", "1"]
 
 
 def test_retry_failed_requests_final_failures_again(hostile: HostileServer, tmp_path: Path) -> None:
@@ -230,7 +257,7 @@ def test_retry_failed_requests_final_failures_again(hostile: HostileServer, tmp_
     )
     two = parse_classes("Trouser\nBag")
     ctx = SearchContext(open_to(hostile), urls_file=str(tsv))
-    with pytest.raises(CrawlError, match="class 'Trouser': 0 images downloaded"):
+    with pytest.raises(CrawlError, match="class 'Trouser': 0 distinct images downloaded"):
         crawler(tmp_path / "c", ctx, engines=("urls",)).run(two)
     assert len(hostile.hits("/back.jpg")) == 1  # a 404 is final, and shared across classes
     with pytest.raises(CrawlError):
