@@ -193,3 +193,38 @@ def hostile() -> Iterator[HostileServer]:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def copy_repo(dst: Path) -> Path:
+    """The repository's files (tracked and new, not ignored) copied into ``dst``, as a clone would have them."""
+    import shutil
+    import subprocess
+
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for f in files:
+        if (REPO / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dst / f)
+    return dst
+
+
+def git_commit_all(folder: Path) -> None:
+    """``git init`` + commit everything, so DVC sees a repository."""
+    import subprocess
+
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"]):  # fmt: skip
+        subprocess.run(cmd, cwd=folder, check=True, capture_output=True)
+
+
+def run_in(cmd: list[str], cwd: Path, timeout: float = 300) -> Any:
+    """Run a command (``dvc``, ``kd3``) from this venv in ``cwd``; returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1"}  # fmt: skip
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,31 +10,16 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, free_port, synthetic_items, write_idx
+from conftest import copy_repo, free_port, git_commit_all, synthetic_items, write_idx
+from conftest import run_in as run
 
 pytestmark = pytest.mark.slow
-
-
-def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "DVC_NO_ANALYTICS": "1",
-    }
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture()
 def repo_copy(tmp_path: Path) -> Path:
     """The repository's files (tracked and new) in a fresh git repo, with tiny demo params."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.split()
-    dst = tmp_path / "repo"
-    for f in files:
-        if (REPO / f).is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, dst / f)
+    dst = copy_repo(tmp_path / "repo")
     images, labels = synthetic_items(30, 10)
     order = np.random.default_rng(0).permutation(len(images))
     write_idx(tmp_path / "fmnist", images[order], labels[order])
@@ -54,9 +35,7 @@ def repo_copy(tmp_path: Path) -> Path:
     params["evaluate"].update(fashion_mnist=str(tmp_path / "fmnist"), first=20)
     params["crawl"]["mirror"]["port"] = free_port()
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.email=t@t", "-c", "user.name=t",
-                                                            "commit", "-qm", "copy"]):  # fmt: skip
-        subprocess.run(cmd, cwd=dst, check=True, capture_output=True)
+    git_commit_all(dst)
     return dst
 
 
