@@ -42,7 +42,9 @@ def image_urls(world: Path, base: str, limit: int) -> list[str]:
 def run_ours(urls: list[str], threads: int, work: Path) -> tuple[float, int]:
     tsv = work / "urls.tsv"
     tsv.write_text("".join(f"bench\t{u}\n" for u in urls))
-    fetcher = Fetcher(HttpLimits(per_host_concurrency=threads, per_host_delay_s=0.0, pool_size=threads))
+    # the loopback mirror is a private address, refused unless allowed
+    fetcher = Fetcher(HttpLimits(per_host_concurrency=threads, per_host_delay_s=0.0, pool_size=threads,
+                                 allow_private=True))  # fmt: skip
     ctx = SearchContext(fetcher, urls_file=str(tsv))
     crawler = Crawler(work / "ours", {"urls": make_source("urls", ctx)}, lambda c: [c.name], fetcher,
                       workers=threads, per_class=len(urls), oversample=1.0, progress=False)  # fmt: skip

@@ -67,6 +67,7 @@ def run(cfg: CrawlConfig, retry_failed: bool = False) -> list[ClassReport]:
                 greedy_domains=list(cfg.greedy_domains),
                 greedy_max_pages=cfg.greedy_max_pages,
                 flickr_api_key=os.environ.get(cfg.flickr_api_key_env),
+                classes=classes,  # the whole list (every shard): the urls engine rejects names not in it
             )
             if "mirror" in cfg.engines:
                 m = cfg.mirror
@@ -87,19 +88,20 @@ def run(cfg: CrawlConfig, retry_failed: bool = False) -> list[ClassReport]:
             except CrawlError as e:
                 error = e
                 reports = e.reports
+            report = {
+                "shard": cfg.shard,
+                "engines": list(cfg.engines),
+                "per_class": cfg.per_class,
+                "seconds": round(time.time() - started, 2),
+                "peak_rss_mb": round(peak_rss_mb(), 1),
+                "classes": [r.as_dict() for r in reports],
+                "downloaded": sum(r.downloaded for r in reports),
+                "manifest_bad_lines": len(crawler.bad_lines),
+                "problems": str(error).splitlines() if error else [],
+            }
+            write_json(out / "report.json", report)  # still under the lock
     finally:
         signals.close()
-    report = {
-        "shard": cfg.shard,
-        "engines": list(cfg.engines),
-        "per_class": cfg.per_class,
-        "seconds": round(time.time() - started, 2),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "classes": [r.as_dict() for r in reports],
-        "downloaded": sum(r.downloaded for r in reports),
-        "problems": str(error).splitlines() if error else [],
-    }
-    write_json(out / "report.json", report)
     if reports:
         print(summary_table(reports), file=sys.stderr)
     print(
