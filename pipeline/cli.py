@@ -205,6 +205,43 @@ def evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
     _guarded(lambda: evaluate_stage.run(load_section(params, "evaluate", EvaluateConfig)))
 
 
+@app.command()
+def init(
+    checkpoint: Annotated[Path, typer.Option(help="your teacher checkpoint (state dict, safetensors or TorchScript)")],
+    classes: Annotated[Path, typer.Option(help="your class file, one name per line in the teacher's output order")],
+    urls: Annotated[Path | None, typer.Option(help="a TSV of class<TAB>url to crawl (engine urls)")] = None,
+    engine: Annotated[list[str] | None, typer.Option("--engine", "-e", help="search engine (repeatable)")] = None,
+    arch: Annotated[str | None, typer.Option(help="architecture, when its keys do not tell")] = None,
+    input_size: Annotated[int | None, typer.Option(help="the side the teacher was trained at")] = None,
+    eval_dir: Annotated[Path | None, typer.Option(help="labelled images, one sub-folder per class")] = None,
+    allow_private: Annotated[bool, typer.Option(help="let the crawl reach private/loopback servers")] = False,
+    template: Annotated[Path, typer.Option(help="params file to start from")] = Path("params.yaml"),
+    out: Annotated[Path, typer.Option(help="params file to write")] = Path("params.yaml"),
+    force: Annotated[bool, typer.Option(help="overwrite --out if it exists")] = False,
+) -> None:
+    """Write a params file for your own teacher, class file and URL list or engines (runs nothing)."""
+    _setup_logging()
+    from pipeline.init_params import init_params, write_params
+
+    if out.exists() and not force:  # the default --out is the demo's params.yaml: never lose it by accident
+        _fail(2, f"{out}: exists; pass --force to overwrite it, or --out another file")
+
+    def go() -> Any:
+        params, report = init_params(template, checkpoint, classes, urls=urls, engines=engine, arch=arch,
+                                     input_size=input_size, eval_dir=eval_dir, allow_private=allow_private)  # fmt: skip
+        write_params(params, out, report)
+        for line in report.filled:
+            typer.echo(f"filled   {line}", err=True)
+        for line in report.assumed:
+            typer.echo(f"assumed  {line}", err=True)
+        for line in report.unknown:
+            typer.echo(f"set it   {line}", err=True)
+        typer.echo(f"wrote {out}; next: kd3 crawl --params {out}, look at data/crawl, then dvc repro "
+                   "(which reads params.yaml)", err=True)  # fmt: skip
+
+    _guarded(go)
+
+
 @mirror_app.command("serve")
 def mirror_serve(
     world_dir: Annotated[Path, typer.Option("--world", help="world folder (kd3 world)")] = Path("data/world"),
