@@ -8,7 +8,7 @@ the validation split (Fashion-MNIST test[0:2000]); the table reports the rest (t
 - ``upper: KD on original data``: Hinton KD on Fashion-MNIST train[30000:60000] rendered as the
   teacher's own distribution (never seen by the teacher; ``--quick`` uses as many images as the web
   pool has, so only the distribution differs).
-- ``KD (web)``, ``DFND (web)``, ``KD³ faithful (web)``: the methods as KD3_SPEC.md describes them.
+- ``KD (web)``, ``DFND (web)``, ``KD³ faithful (web)``: the methods as docs/method.md describes them.
 - ``KD³ default``: ``params.yaml``'s ``distill:`` section as shipped (ours switched on where it helps).
 - ``KD + query prior``: plain KD whose target is the teacher's softened posterior times the crawl
   query's prior (ours), to show how much of the default's gain that signal alone brings.
@@ -50,7 +50,7 @@ from pipeline.artifacts.label import PseudoLabels  # noqa: E402
 from pipeline.artifacts.teacher import TeacherRecord  # noqa: E402
 from pipeline.config import DistillConfig, build, read_params  # noqa: E402
 
-# KD3_SPEC.md as written: every component on, every switch of ours off
+# KD³ as the paper describes it: every component on, every switch of ours off
 FAITHFUL = {"kd3": {"selection": True, "shared_classifier": True, "feature_weighting": True, "mixdistribution": True,
                     "kd_weight": 0.0, "query_prior": 0.0}}  # fmt: skip
 

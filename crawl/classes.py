@@ -1,6 +1,6 @@
 """Class lists: parse a user's ``classes.txt`` into normalised names with filesystem-safe slugs.
 
-Rules (RELIABILITY.md section 4): a UTF-8 BOM, CRLF line ends, surrounding whitespace and blank
+Rules: a UTF-8 BOM, CRLF line ends, surrounding whitespace and blank
 lines are normalised away; lines whose first non-blank character is ``#`` are comments; an empty
 list, duplicates after normalisation (NFKC, case, inner whitespace) and non-UTF-8 bytes are errors
 naming the file and line. Any other character is accepted (``/``, ``..``, ``&``, emoji, 300

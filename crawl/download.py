@@ -2,7 +2,7 @@
 
 ``Fetcher.download(url, store)`` streams one image into the content-addressed store and returns a
 ``FetchOutcome`` with a reason code on failure; ``Fetcher.get_page(url)`` fetches a search page into
-memory under the same rules. What it guarantees (RELIABILITY.md section 2):
+memory under the same rules. What it guarantees:
 
 - connect/read timeouts per socket operation and a total deadline per URL (retries included);
 - a byte cap checked against ``Content-Length`` before reading and against the decoded stream while

@@ -1,7 +1,7 @@
 """Safe decoding of untrusted image bytes to 8-bit RGB, and the per-image analysis of the clean stage.
 
 ``decode_image(data, limits)`` either returns an ``(H, W, 3) uint8`` array or raises
-``ImageRejected(reason)`` with a stable reason code (RELIABILITY.md section 1):
+``ImageRejected(reason)`` with a stable reason code:
 
 - ``empty``, ``too_large`` (byte cap), ``unidentified`` / ``unsupported_format`` (SVG) /
   ``format_not_allowed`` judged from the magic bytes *before* Pillow sees the file, and Pillow is
@@ -42,7 +42,7 @@ SMALL = 16  # side of the colour thumbnail used to verify near-duplicate candida
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    """Caps applied before and during decoding (RELIABILITY.md "Defaults to start from")."""
+    """Caps applied before and during decoding."""
 
     formats: tuple[str, ...] = ALLOWED
     max_bytes: int = 20_000_000

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 MAX_WARNINGS = 10  # per read of one file; the rest are only counted
 
-# Failures worth another try in a later run; every other failure reason is terminal (H1, H2).
+# Failures worth another try in a later run; every other failure reason is terminal.
 TRANSIENT_REASONS = frozenset(
     {"timeout", "http_5xx", "http_429", "http_403", "connection_error", "truncated_body", "interrupted"}
 )

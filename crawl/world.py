@@ -1,7 +1,7 @@
 """The offline demo web: Fashion-MNIST items rendered as web photos, with search noise and junk.
 
 ``build_world`` turns raw 28x28 grey items (Fashion-MNIST train[30000:60000] in the demo, never
-seen by the teacher) into a folder the mirror serves (DESIGN.md section 6):
+seen by the teacher) into a folder the mirror serves:
 
 - ``files/``: the image files, named by a random-looking id (JPEG, PNG or WebP);
 - ``index.json``: for each class its ranked result list, and for each entry how the mirror serves

@@ -1,4 +1,4 @@
-"""The baselines KD³ is measured against, on the same data, models and schedule (KD3_SPEC.md section 7).
+"""The baselines KD³ is measured against, on the same data, models and schedule.
 
 - ``KDMethod``: Hinton KD, ``T² · KL(softmax(o_T/T) ‖ softmax(o_S/T))`` with T = 4, on every
   pool image, the student with its own classifier.

@@ -17,7 +17,7 @@ import torch.nn.functional as F  # noqa: N812
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; ``cuda`` without a GPU is an error with a hint (P7)."""
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is an error with a hint."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

@@ -1,4 +1,4 @@
-"""KD³'s student wiring and loss module (KD3_SPEC.md sections 2 and 4).
+"""KD³'s student wiring and loss module.
 
 - ``Projector``: SimKD-style ``conv1x1 → BN → ReLU → conv3x3 → BN → ReLU → conv1x1 → BN → ReLU``
   from the student's last-stage width to the teacher's (width C_t/2 inside, no conv biases).
@@ -143,7 +143,7 @@ class KD3Loss(nn.Module):
 
 
 class KD3Method(Method):
-    """KD³ as KD3_SPEC.md sections 2-4 describe it, every component behind a switch.
+    """KD³ as the paper and docs/method.md describe it, every component behind a switch.
 
     Switched off, a component is replaced by: ``selection`` -> every pool row, every epoch;
     ``shared_classifier`` -> the student's own linear layer, trained by Hinton KD (T=4) since no

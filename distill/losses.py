@@ -1,4 +1,4 @@
-"""Loss terms and selection rules of KD³ and the baselines, as pure functions (KD3_SPEC.md).
+"""Loss terms and selection rules of KD³ and the baselines, as pure functions.
 
 Each function takes tensors and returns a tensor; none holds state. The KD³ loss module and the
 trainer (the next issue) combine them into a dict ``{"loss": total, <term>: value, ...}``.
@@ -45,7 +45,7 @@ def kd_logit(
 
 
 def align_maps(student_map: torch.Tensor, teacher_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Spatial alignment before the projector (KD3_SPEC.md section 2): pool the larger map down."""
+    """Spatial alignment before the projector: pool the larger map down."""
     hs, ht = student_map.shape[-1], teacher_map.shape[-1]
     if hs > ht:
         student_map = F.adaptive_avg_pool2d(student_map, teacher_map.shape[-2:])

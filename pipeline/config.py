@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-MAX_PARAMS_BYTES = 1_000_000  # a params file larger than this is refused before parsing (P5)
+MAX_PARAMS_BYTES = 1_000_000  # a params file larger than this is refused before parsing
 
 T = TypeVar("T")
 
@@ -40,7 +40,7 @@ def opt(default: Any, lo: float | None = None, hi: float | None = None, *, lo_op
 
 
 # --------------------------------------------------------------------------------------------
-# world: the offline demo web corpus (DESIGN.md section 6)
+# world: the offline demo web corpus
 # --------------------------------------------------------------------------------------------
 
 
@@ -95,7 +95,7 @@ class WorldConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# crawl (DESIGN.md section 4, "crawl"; RELIABILITY.md "Defaults to start from")
+# crawl
 # --------------------------------------------------------------------------------------------
 
 
@@ -154,7 +154,7 @@ class CrawlConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# clean (DESIGN.md section 4, "clean"; RELIABILITY.md section 1 and the decode defaults)
+# clean
 # --------------------------------------------------------------------------------------------
 
 
@@ -187,7 +187,7 @@ class CleanConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# teacher, label, evaluate (DESIGN.md section 4; RELIABILITY.md section 3)
+# teacher, label, evaluate
 # --------------------------------------------------------------------------------------------
 
 
@@ -256,7 +256,7 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class KD3Options:
-    """``distill.kd3:`` — KD³'s components (KD3_SPEC.md); each switch is an ablation."""
+    """``distill.kd3:`` — KD³'s components; each switch is an ablation."""
 
     selection: bool = True  # per-epoch dynamic instance selection (off: every image, every epoch)
     shared_classifier: bool = True  # reuse the teacher's frozen classifier (off: own classifier + KD, T=4)
@@ -340,7 +340,7 @@ class DistillConfig:
 
 
 class _NoAliasLoader(yaml.SafeLoader):
-    """Safe loader that refuses anchors/aliases (the 'billion laughs' expansion, P5)."""
+    """Safe loader that refuses anchors/aliases."""
 
     def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
         if self.check_event(yaml.AliasEvent):

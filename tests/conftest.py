@@ -26,7 +26,7 @@ from crawl.world import RenderParams, WorldMix, build_world
 REPO = Path(__file__).resolve().parents[1]
 
 # A suite started as a background job of a non-interactive shell (`make test &`) inherits SIGINT
-# ignored, and so would every process it starts: the signal tests (F2/F3, F7) need the default.
+# ignored, and so would every process it starts: the signal tests need the default.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 TINY_CLASSES = ["T-shirt/top", "Trouser", "Bag"]
@@ -100,7 +100,7 @@ def free_port() -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# a scriptable server that misbehaves on purpose (RELIABILITY.md section 2)
+# a scriptable server that misbehaves on purpose
 # --------------------------------------------------------------------------------------------
 
 Route = Callable[[socket.socket, dict[str, Any]], None]

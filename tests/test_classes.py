@@ -1,4 +1,4 @@
-"""Class files (RELIABILITY.md section 4, K1-K5), query templates, synonyms and shards."""
+"""Class files, query templates, synonyms and shards."""
 
 from __future__ import annotations
 
@@ -24,13 +24,13 @@ def write(tmp_path: Path, data: bytes) -> Path:
 
 
 @pytest.mark.parametrize("data", [b"", b"\n\n  \n", b"# only\n  # comments\n"])
-def test_k1_empty_or_comment_only_is_an_error(tmp_path: Path, data: bytes) -> None:
+def test_empty_or_comment_only_is_an_error(tmp_path: Path, data: bytes) -> None:
     p = write(tmp_path, data)
     with pytest.raises(ClassFileError, match=f"{p}: no classes"):
         read_classes(p)
 
 
-def test_k2_duplicates_after_normalisation_are_listed(tmp_path: Path) -> None:
+def test_duplicates_after_normalisation_are_listed(tmp_path: Path) -> None:
     p = write(tmp_path, b"Shirt\ncoat\n  SHIRT \nCoat\nBag\nankle  boot\nAnkle Boot\n")
     with pytest.raises(ClassFileError, match="duplicate") as e:
         read_classes(p)
@@ -39,13 +39,13 @@ def test_k2_duplicates_after_normalisation_are_listed(tmp_path: Path) -> None:
     assert "line 7 'Ankle Boot' repeats line 6" in msg
 
 
-def test_k3_bom_crlf_spaces_and_blank_lines_are_normalised(tmp_path: Path) -> None:
+def test_bom_crlf_spaces_and_blank_lines_are_normalised(tmp_path: Path) -> None:
     p = write(tmp_path, "\ufeffShirt  \r\n\r\n  Coat\r\n# a comment\r\nBag".encode())
     assert [c.name for c in read_classes(p)] == ["Shirt", "Coat", "Bag"]
     assert [c.index for c in read_classes(p)] == [0, 1, 2]
 
 
-def test_k4_odd_names_are_accepted_with_safe_unique_slugs(tmp_path: Path) -> None:
+def test_odd_names_are_accepted_with_safe_unique_slugs(tmp_path: Path) -> None:
     odd = ["T-shirt/top", "../../etc", "a\x00b", "x" * 300, "👟 sneaker", "R&B", "C#", "C++", "a/b", "a b"]
     p = write(tmp_path, "\n".join(odd).encode())
     classes = read_classes(p)
@@ -57,7 +57,7 @@ def test_k4_odd_names_are_accepted_with_safe_unique_slugs(tmp_path: Path) -> Non
         assert "/" not in s and ".." not in s and "\x00" not in s
 
 
-def test_k5_non_utf8_names_the_line(tmp_path: Path) -> None:
+def test_non_utf8_names_the_line(tmp_path: Path) -> None:
     p = write(tmp_path, b"Shirt\nCoat\nBa\xffg\n")
     with pytest.raises(ClassFileError, match=r"line 3: not valid UTF-8 \(byte 0xff\)"):
         read_classes(p)

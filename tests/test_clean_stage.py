@@ -83,7 +83,7 @@ def test_near_duplicates_are_clustered_with_a_survivor(crawled: Path, tmp_path: 
     assert (tmp_path / "c" / "sheets" / "duplicates.png").is_file()
 
 
-def test_f13_bit_flip_after_the_crawl_is_caught(crawled: Path, tmp_path: Path) -> None:
+def test_bit_flip_after_the_crawl_is_caught(crawled: Path, tmp_path: Path) -> None:
     copy = tmp_path / "crawl"
     shutil.copytree(crawled, copy)
     rec = next(r for r in read_jsonl(copy / "manifest.jsonl") if r["status"] == "ok")
@@ -97,7 +97,7 @@ def test_f13_bit_flip_after_the_crawl_is_caught(crawled: Path, tmp_path: Path) -
     assert dropped[rec["sha256"]] == "sha_mismatch"
 
 
-def test_i22_a_crashing_decoder_costs_one_file(crawled: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_crashing_decoder_costs_one_file(crawled: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     victim = next(r for r in read_jsonl(crawled / "manifest.jsonl") if r["status"] == "ok")["sha256"]
     real = clean_stage.analyze_file
 

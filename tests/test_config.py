@@ -1,4 +1,4 @@
-"""params.yaml validation (RELIABILITY.md section 5, P1-P5) and the shipped params file."""
+"""params.yaml validation and the shipped params file."""
 
 from __future__ import annotations
 
@@ -48,16 +48,16 @@ def test_missing_section_gives_defaults(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("crawl:\n  per_clas: 3\n", r"params.yaml: crawl.per_clas: unknown key"),  # P1 typo
+        ("crawl:\n  per_clas: 3\n", r"params.yaml: crawl.per_clas: unknown key"),  # typo
         ("crawl:\n  http:\n    retires: 3\n", r"crawl.http.retires: unknown key"),
-        ("crawl:\n  per_class: ten\n", r"crawl.per_class: expected an integer, got 'ten'"),  # P2
+        ("crawl:\n  per_class: ten\n", r"crawl.per_class: expected an integer, got 'ten'"),
         ("crawl:\n  per_class: 0\n", r"crawl.per_class: 0 is out of range, allowed \[1, 100000\]"),
         ("crawl:\n  http:\n    read_timeout_s: -1\n", r"crawl.http.read_timeout_s: -1.0 is out of range"),
         (
             "crawl:\n  http:\n    connect_timeout_s: 0\n",
             r"crawl.http.connect_timeout_s: 0.0 is out of range, allowed \(0.01",
         ),
-        ("crawl:\n  per_class: 1e9\n", r"crawl.per_class: expected an integer"),  # P4 (YAML reads 1e9 as a string)
+        ("crawl:\n  per_class: 1e9\n", r"crawl.per_class: expected an integer"),  # (YAML reads 1e9 as a string)
         ("crawl:\n  per_class: 1000000000\n", r"crawl.per_class: 1000000000 is out of range"),
         ("crawl:\n  engines: [bingo]\n", r"crawl.engines\[0\]: 'bingo' is not one of bing, baidu"),
         ("crawl:\n  engines: []\n", r"crawl.engines: at least one engine"),
@@ -91,7 +91,7 @@ def test_bad_params_name_the_file_and_key(tmp_path: Path, text: str, message: st
     assert str(p) in str(e.value)
 
 
-def test_yaml_alias_bomb_is_refused_before_expansion(tmp_path: Path) -> None:  # P5
+def test_yaml_alias_bomb_is_refused_before_expansion(tmp_path: Path) -> None:
     lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
     for i in range(1, 12):
         prev = chr(ord("a") + i - 1)
@@ -102,7 +102,7 @@ def test_yaml_alias_bomb_is_refused_before_expansion(tmp_path: Path) -> None:  #
         load_section(p, "crawl", CrawlConfig)
 
 
-def test_huge_params_file_is_refused(tmp_path: Path) -> None:  # P5
+def test_huge_params_file_is_refused(tmp_path: Path) -> None:
     p = write(tmp_path, "crawl: {}\n" + "#" * 1_100_000 + "\n")
     with pytest.raises(ConfigError, match="larger than"):
         load_section(p, "crawl", CrawlConfig)

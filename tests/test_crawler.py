@@ -1,4 +1,4 @@
-"""The crawl loop end to end on loopback: targets, resume, dedup, failures, kill -9 (F1-F3, F14)."""
+"""The crawl loop end to end on loopback: targets, resume, dedup, failures, kill -9."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def test_identical_bytes_and_shared_urls_are_fetched_and_stored_once(hostile: Ho
     crawler(tmp_path / "c", ctx, engines=("urls",)).run(CLASSES)
     records = read_jsonl(tmp_path / "c" / "manifest.jsonl")
     assert len(records) == 4 and len({r["sha256"] for r in records}) == 1
-    assert len({r["path"] for r in records}) == 1  # I20: one object, every URL points to it
+    assert len({r["path"] for r in records}) == 1  # one object, every URL points to it
     assert len(list((tmp_path / "c" / "objects").rglob("*.jpg"))) == 1
     assert len(hostile.hits("/a.jpg")) == 1  # the URL shared by two classes is requested once
 
@@ -168,7 +168,7 @@ def test_too_few_images_is_an_error(mirror: MirrorServer, tmp_path: Path) -> Non
         crawler(tmp_path / "c", ctx, min_per_class=20).run(CLASSES)
 
 
-def test_f14_second_crawl_on_the_same_store_fails_fast(tmp_path: Path) -> None:
+def test_second_crawl_on_the_same_store_fails_fast(tmp_path: Path) -> None:
     with ObjectStore(tmp_path / "c"):
         with pytest.raises(StoreLockedError, match=f"pid {os.getpid()}"):
             ObjectStore(tmp_path / "c").open()
@@ -320,7 +320,7 @@ def slow_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-def test_f1_kill9_at_random_instants_then_resume(slow_world: Path, tmp_path: Path) -> None:
+def test_kill9_at_random_instants_then_resume(slow_world: Path, tmp_path: Path) -> None:
     with MirrorServer(slow_world, delay_s=0.1) as server:
         clean_out = tmp_path / "clean"
         clean_params = write_params(tmp_path, server.base_url, clean_out)
@@ -362,7 +362,7 @@ def test_f1_kill9_at_random_instants_then_resume(slow_world: Path, tmp_path: Pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_f2_f3_signals_exit_nonzero_and_keep_completed_work(
+def test_signals_exit_nonzero_and_keep_completed_work(
     slow_world: Path, tmp_path: Path, sig: int, code: int
 ) -> None:
     with MirrorServer(slow_world, delay_s=0.3) as server:  # slow: a loaded machine still signals mid-crawl

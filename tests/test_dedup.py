@@ -1,4 +1,4 @@
-"""Near-duplicate search: exactness against brute force, and real near-duplicates (I19, I21)."""
+"""Near-duplicate search: exactness against brute force, and real near-duplicates."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def clusters_of(recs: list[dict], threshold: int = 6, mad: float = 12.0) -> list
     return [{kept[i]["name"] for i in c} for c in find_clusters(len(kept), pairs, rank)]
 
 
-def test_i21_resized_reencoded_and_cropped_copies_collapse(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_resized_reencoded_and_cropped_copies_collapse(tmp_path) -> None:  # type: ignore[no-untyped-def]
     base = photo(1)
     rgba = base.convert("RGBA")
     on_white = Image.new("RGBA", base.size, (255, 255, 255, 255))
@@ -115,7 +115,7 @@ def test_distinct_photos_do_not_merge(tmp_path) -> None:  # type: ignore[no-unty
     assert clusters_of(recs) == []
 
 
-def test_i19_solid_colours_are_blank_and_never_matched(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_solid_colours_are_blank_and_never_matched(tmp_path) -> None:  # type: ignore[no-untyped-def]
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (128, 128, 128), (255, 255, 255)]
     recs = analyse_all(
         tmp_path, {f"c{i}.png": (Image.new("RGB", (64, 64), c), "PNG", {}) for i, c in enumerate(colours)}
@@ -131,7 +131,7 @@ def test_i19_solid_colours_are_blank_and_never_matched(tmp_path) -> None:  # typ
 @pytest.mark.parametrize(
     ("size", "reason"), [((1, 1), "too_small"), ((10000, 2), "too_small"), ((300, 40), "bad_aspect"), ((64, 64), None)]
 )
-def test_i18_size_and_aspect_filters(size: tuple[int, int], reason: str | None) -> None:
+def test_size_and_aspect_filters(size: tuple[int, int], reason: str | None) -> None:
     rec = {"reason": None, "width": size[0], "height": size[1], "std": 50.0, "entropy": 6.0}
     kept, dropped = apply_filters([rec], FilterParams(min_side=24, max_aspect=3.0))
     assert (dropped[0]["reason"] if dropped else None) == reason

@@ -1,7 +1,4 @@
-"""The distill stage through the CLI: export, evaluate with the student, kill -9 and resume, signals, DDP.
-
-(RELIABILITY.md F4, F6, F7.)
-"""
+"""The distill stage through the CLI: export, evaluate with the student, kill -9 and resume, signals, DDP."""
 
 from __future__ import annotations
 
@@ -129,7 +126,7 @@ def _run_until(cmd: list[str], cwd: Path, ckpt: Path, timeout: float = 120) -> s
     return proc
 
 
-def test_kill9_mid_run_then_rerun_resumes_and_finishes(stage_inputs: Path, tmp_path: Path) -> None:  # F4
+def test_kill9_mid_run_then_rerun_resumes_and_finishes(stage_inputs: Path, tmp_path: Path) -> None:
     params = write_params(stage_inputs, tmp_path, epochs=6)
     ckpt = tmp_path / "distill" / "checkpoint.pt"
     proc = _run_until([*KD3, "distill", "--params", str(params)], REPO, ckpt)

@@ -1,4 +1,4 @@
-"""The downloader against a loopback server that misbehaves (RELIABILITY.md section 2, H1-H15, H23)."""
+"""The downloader against a loopback server that misbehaves."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_ok_jpeg_is_stored_under_its_sha256(hostile: HostileServer, store: Objec
 
 
 @pytest.mark.parametrize("code", [404, 410])
-def test_h1_gone_is_final_and_not_retried(hostile: HostileServer, store: ObjectStore, code: int) -> None:
+def test_gone_is_final_and_not_retried(hostile: HostileServer, store: ObjectStore, code: int) -> None:
     hostile.routes["/x"] = respond(code, b"gone", {"Content-Type": "text/html"})
     out = fetch(hostile.url("/x"), store)
     assert (out.ok, out.reason) == (False, f"http_{code}")
@@ -65,13 +65,13 @@ def test_h1_gone_is_final_and_not_retried(hostile: HostileServer, store: ObjectS
     assert_nothing_written(store)
 
 
-def test_h2_forbidden_is_not_retried_in_this_run(hostile: HostileServer, store: ObjectStore) -> None:
+def test_forbidden_is_not_retried_in_this_run(hostile: HostileServer, store: ObjectStore) -> None:
     hostile.routes["/x"] = respond(403, b"no", {"Content-Type": "text/html"})
     out = fetch(hostile.url("/x"), store)
     assert out.reason == "http_403" and len(hostile.hits("/x")) == 1
 
 
-def test_h3_429_waits_for_retry_after_then_succeeds(hostile: HostileServer, store: ObjectStore) -> None:
+def test_429_waits_for_retry_after_then_succeeds(hostile: HostileServer, store: ObjectStore) -> None:
     hostile.routes["/x"] = sequence(respond(429, b"", {"Retry-After": "2"}), respond(200, jpeg_bytes()))
     out = fetch(hostile.url("/x"), store)
     hits = hostile.hits("/x")
@@ -79,34 +79,34 @@ def test_h3_429_waits_for_retry_after_then_succeeds(hostile: HostileServer, stor
     assert hits[1]["time"] - hits[0]["time"] >= 1.9
 
 
-def test_h3_retry_after_is_capped(hostile: HostileServer, store: ObjectStore) -> None:
+def test_retry_after_is_capped(hostile: HostileServer, store: ObjectStore) -> None:
     hostile.routes["/x"] = sequence(respond(429, b"", {"Retry-After": "3600"}), respond(200, jpeg_bytes()))
     t0 = time.monotonic()
     out = fetch(hostile.url("/x"), store, max_retry_after_s=0.3)
     assert out.ok and time.monotonic() - t0 < 3
 
 
-def test_h4_503_twice_then_ok_with_backoff(hostile: HostileServer, store: ObjectStore) -> None:
+def test_503_twice_then_ok_with_backoff(hostile: HostileServer, store: ObjectStore) -> None:
     hostile.routes["/x"] = sequence(respond(503), respond(503), respond(200, jpeg_bytes()))
     out = fetch(hostile.url("/x"), store)
     assert out.ok and out.attempts == 3 and len(hostile.hits("/x")) == 3
 
 
-def test_h5_500_forever_gives_up_after_the_retry_budget(hostile: HostileServer, store: ObjectStore) -> None:
+def test_500_forever_gives_up_after_the_retry_budget(hostile: HostileServer, store: ObjectStore) -> None:
     hostile.routes["/x"] = respond(500)
     out = fetch(hostile.url("/x"), store, retries=4)
     assert out.reason == "http_5xx" and len(hostile.hits("/x")) == 4
     assert_nothing_written(store)
 
 
-def test_h6_no_headers_times_out(hostile: HostileServer, store: ObjectStore) -> None:
+def test_no_headers_times_out(hostile: HostileServer, store: ObjectStore) -> None:
     hostile.routes["/x"] = lambda sock, req: time.sleep(3)
     t0 = time.monotonic()
     out = fetch(hostile.url("/x"), store, retries=1)
     assert out.reason == "timeout" and time.monotonic() - t0 < 2.5
 
 
-def test_h7_slow_drip_hits_the_deadline_and_writes_nothing(hostile: HostileServer, store: ObjectStore) -> None:
+def test_slow_drip_hits_the_deadline_and_writes_nothing(hostile: HostileServer, store: ObjectStore) -> None:
     def drip(sock: socket.socket, req: dict[str, Any]) -> None:
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n\xff\xd8\xff")
         for _ in range(40):
@@ -121,14 +121,14 @@ def test_h7_slow_drip_hits_the_deadline_and_writes_nothing(hostile: HostileServe
     assert_nothing_written(store)
 
 
-def test_h8_huge_content_length_is_refused_before_reading(hostile: HostileServer, store: ObjectStore) -> None:
+def test_huge_content_length_is_refused_before_reading(hostile: HostileServer, store: ObjectStore) -> None:
     hostile.routes["/x"] = respond(200, jpeg_bytes(), length=10_000_000_000)
     out = fetch(hostile.url("/x"), store)
     assert out.reason == "too_large" and len(hostile.hits("/x")) == 1
     assert_nothing_written(store)
 
 
-def test_h9_endless_chunked_body_stops_at_the_byte_cap(hostile: HostileServer, store: ObjectStore) -> None:
+def test_endless_chunked_body_stops_at_the_byte_cap(hostile: HostileServer, store: ObjectStore) -> None:
     def endless(sock: socket.socket, req: dict[str, Any]) -> None:
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n")
         chunk = b"\xff" * 8192
@@ -141,7 +141,7 @@ def test_h9_endless_chunked_body_stops_at_the_byte_cap(hostile: HostileServer, s
     assert_nothing_written(store)
 
 
-def test_h10_short_body_is_truncated_and_not_saved(hostile: HostileServer, store: ObjectStore) -> None:
+def test_short_body_is_truncated_and_not_saved(hostile: HostileServer, store: ObjectStore) -> None:
     body = jpeg_bytes((64, 64))
     hostile.routes["/x"] = respond(200, body[:200], length=len(body))
     out = fetch(hostile.url("/x"), store)
@@ -149,7 +149,7 @@ def test_h10_short_body_is_truncated_and_not_saved(hostile: HostileServer, store
     assert_nothing_written(store)
 
 
-def test_h11_gzip_bomb_stops_at_the_decoded_cap(hostile: HostileServer, store: ObjectStore) -> None:
+def test_gzip_bomb_stops_at_the_decoded_cap(hostile: HostileServer, store: ObjectStore) -> None:
     bomb = gzip.compress(b"\0" * 50_000_000, compresslevel=9)  # ~50 KB on the wire
     hostile.routes["/x"] = respond(200, bomb, {"Content-Encoding": "gzip"})
     out = fetch(hostile.url("/x"), store)
@@ -164,7 +164,7 @@ def test_gzip_encoded_image_is_decoded(hostile: HostileServer, store: ObjectStor
     assert out.ok and out.path is not None and out.path.read_bytes() == body
 
 
-def test_h12_redirect_loop_and_long_chain_stop_at_the_cap(hostile: HostileServer, store: ObjectStore) -> None:
+def test_redirect_loop_and_long_chain_stop_at_the_cap(hostile: HostileServer, store: ObjectStore) -> None:
     hostile.routes["/loop"] = respond(302, b"", {"Location": "/loop"})
     for i in range(20):
         hostile.routes[f"/c{i}"] = respond(301, b"", {"Location": f"/c{i + 1}"})
@@ -182,7 +182,7 @@ def test_short_redirect_chain_is_followed(hostile: HostileServer, store: ObjectS
 
 
 @pytest.mark.parametrize("target", ["file:///etc/passwd", "ftp://127.0.0.1/x.jpg", "internal"])
-def test_h13_redirect_to_other_schemes_or_internal_services_is_blocked(
+def test_redirect_to_other_schemes_or_internal_services_is_blocked(
     hostile: HostileServer, store: ObjectStore, target: str
 ) -> None:
     internal = HostileServer()  # another loopback port standing in for an internal service
@@ -199,7 +199,7 @@ def test_h13_redirect_to_other_schemes_or_internal_services_is_blocked(
         internal.server_close()
 
 
-def test_h14_bytes_decide_not_the_content_type(hostile: HostileServer, store: ObjectStore) -> None:
+def test_bytes_decide_not_the_content_type(hostile: HostileServer, store: ObjectStore) -> None:
     hostile.routes["/real.jpg"] = respond(200, jpeg_bytes(), {"Content-Type": "text/html"})
     hostile.routes["/fake.jpg"] = respond(200, b"<html><body>captcha</body></html>", {"Content-Type": "image/jpeg"})
     assert fetch(hostile.url("/real.jpg"), store).ok
@@ -208,7 +208,7 @@ def test_h14_bytes_decide_not_the_content_type(hostile: HostileServer, store: Ob
     assert len(objects(store)) == 1
 
 
-def test_h15_reset_mid_body_is_retried_and_partial_never_saved(hostile: HostileServer, store: ObjectStore) -> None:
+def test_reset_mid_body_is_retried_and_partial_never_saved(hostile: HostileServer, store: ObjectStore) -> None:
     body = png_bytes((64, 64))
 
     def reset(sock: socket.socket, req: dict[str, Any]) -> None:
@@ -224,14 +224,14 @@ def test_h15_reset_mid_body_is_retried_and_partial_never_saved(hostile: HostileS
     assert len(objects(store)) == 1
 
 
-def test_f10_connection_refused_is_bounded(store: ObjectStore) -> None:
+def test_connection_refused_is_bounded(store: ObjectStore) -> None:
     t0 = time.monotonic()
     out = fetch(f"http://127.0.0.1:{free_port()}/x.jpg", store)
     assert out.reason == "connection_error" and out.attempts == 3
     assert time.monotonic() - t0 < 3
 
 
-def test_h23_per_host_concurrency_and_spacing(hostile: HostileServer, tmp_path: Path) -> None:
+def test_per_host_concurrency_and_spacing(hostile: HostileServer, tmp_path: Path) -> None:
     active = {"now": 0, "max": 0}
 
     def slow(sock: socket.socket, req: dict[str, Any]) -> None:
@@ -257,7 +257,7 @@ def test_h23_per_host_concurrency_and_spacing(hostile: HostileServer, tmp_path: 
     assert min(b - a for a, b in zip(starts, starts[1:], strict=False)) >= 0.09
 
 
-def test_f8_disk_full_raises_and_leaves_no_partial_object(
+def test_disk_full_raises_and_leaves_no_partial_object(
     hostile: HostileServer, store: ObjectStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import errno

@@ -53,7 +53,7 @@ def test_streaming_pool_matches_resident_selection(images: np.ndarray) -> None:
     assert np.isfinite(t.fit()[-1]["loss"])
 
 
-def test_resume_on_cuda_continues_within_tolerance(images: np.ndarray, tmp_path: Path) -> None:  # F4 on CUDA
+def test_resume_on_cuda_continues_within_tolerance(images: np.ndarray, tmp_path: Path) -> None:
     full = trainer(images)
     full.fit()
     first = trainer(images, tmp_path / "ckpt.pt")

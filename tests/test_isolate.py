@@ -1,4 +1,4 @@
-"""Isolated workers: a crash, a hang or a memory blow-up costs one item (I22, F17)."""
+"""Isolated workers: a crash, a hang or a memory blow-up costs one item."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Loss terms and selection rules: finite, gradients where they belong, known values (KD3_SPEC.md)."""
+"""Loss terms and selection rules: finite, gradients where they belong, known values."""
 
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ def test_unknown_architecture_lists_the_registry() -> None:
         build_model("resnet9000", 10)
 
 
-def test_p7_cuda_requested_without_a_gpu_is_a_clear_error() -> None:
+def test_cuda_requested_without_a_gpu_is_a_clear_error() -> None:
     from distill.data import resolve_device
 
     assert resolve_device("cpu").type == "cpu"

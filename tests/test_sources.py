@@ -1,4 +1,4 @@
-"""Engines: parsing saved-format pages and the mirror, paging, URL-encoding, the registry (H22)."""
+"""Engines: parsing saved-format pages and the mirror, paging, URL-encoding, the registry."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def test_bing_source_stops_at_max_num(hostile: HostileServer) -> None:
         b"<html><body><div class='img_cont'><img src='https://x/1.jpg'></div></body></html>",  # changed markup
     ],
 )
-def test_h22_unusable_result_pages_give_zero_urls(hostile: HostileServer, body: bytes) -> None:
+def test_unusable_result_pages_give_zero_urls(hostile: HostileServer, body: bytes) -> None:
     hostile.routes["/images/async?q=bag&first=0&count=35&mmasync=1"] = respond(200, body, {"Content-Type": "text/html"})
     src = make_source("bing", SearchContext(Fetcher(LIMITS), bing_base_url=hostile.base))
     assert src.search(SHIRT, "bag", 50) == []

@@ -64,7 +64,7 @@ def test_a_plain_state_dict_loads_frozen_and_in_eval(good: Path, weights: dict[s
 
 
 @pytest.mark.parametrize("force_env", [False, True])
-def test_t1_t2_malicious_pickle_never_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, force_env: bool) -> None:
+def test_malicious_pickle_never_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, force_env: bool) -> None:
     marker = tmp_path / "pwned"
     p = tmp_path / "evil.pt"
     torch.save({"conv1.weight": torch.zeros(1), "x": Evil(marker)}, p)
@@ -75,7 +75,7 @@ def test_t1_t2_malicious_pickle_never_runs(tmp_path: Path, monkeypatch: pytest.M
     assert not marker.exists()
 
 
-def test_t3_truncated_checkpoint(tmp_path: Path, good: Path) -> None:
+def test_truncated_checkpoint(tmp_path: Path, good: Path) -> None:
     p = tmp_path / "half.pt"
     data = good.read_bytes()
     p.write_bytes(data[: len(data) // 2])
@@ -83,7 +83,7 @@ def test_t3_truncated_checkpoint(tmp_path: Path, good: Path) -> None:
         load(p)
 
 
-def test_t4_empty_random_folder_missing(tmp_path: Path) -> None:
+def test_empty_random_folder_missing(tmp_path: Path) -> None:
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "random.pt").write_bytes(os.urandom(4096))
     cases = {
@@ -97,7 +97,7 @@ def test_t4_empty_random_folder_missing(tmp_path: Path) -> None:
             load(path)
 
 
-def test_t5_torchscript_without_the_format_is_refused_unloaded(tmp_path: Path) -> None:
+def test_torchscript_without_the_format_is_refused_unloaded(tmp_path: Path) -> None:
     model = build_model("resnet8", 10).eval()
     p = tmp_path / "scripted.pt"
     with warnings.catch_warnings():
@@ -109,7 +109,7 @@ def test_t5_torchscript_without_the_format_is_refused_unloaded(tmp_path: Path) -
     assert teacher(torch.rand(1, 3, 32, 32)).shape == (1, 10)
 
 
-def test_t6_wrong_architecture_lists_the_first_mismatches(good: Path) -> None:
+def test_wrong_architecture_lists_the_first_mismatches(good: Path) -> None:
     with pytest.raises(TeacherError, match=r"does not match architecture 'resnet14': missing \d+ keys \(first: "):
         load(good, arch="resnet14")
     with pytest.raises(
@@ -118,12 +118,12 @@ def test_t6_wrong_architecture_lists_the_first_mismatches(good: Path) -> None:
         load(good, arch="resnet8x4")
 
 
-def test_t7_output_size_differs_from_the_class_list(good: Path) -> None:
+def test_output_size_differs_from_the_class_list(good: Path) -> None:
     with pytest.raises(TeacherError, match="the teacher has 10 outputs but the class list has 7 classes"):
         load(good, num_classes=7)
 
 
-def test_t8_non_finite_weights(tmp_path: Path, weights: dict[str, torch.Tensor]) -> None:
+def test_non_finite_weights(tmp_path: Path, weights: dict[str, torch.Tensor]) -> None:
     bad = {k: v.clone() for k, v in weights.items()}
     bad["classifier.weight"][0, 0] = float("nan")
     p = tmp_path / "nan.pt"
@@ -172,7 +172,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], header_len: 
     path.write_bytes(struct.pack("<Q", header_len or len(h)) + h + b"".join(blobs))
 
 
-def test_t9_safetensors_good_and_corrupt(tmp_path: Path, weights: dict[str, torch.Tensor]) -> None:
+def test_safetensors_good_and_corrupt(tmp_path: Path, weights: dict[str, torch.Tensor]) -> None:
     floats = {k: v.float() for k, v in weights.items()}
     good = tmp_path / "t.safetensors"
     write_safetensors(good, floats)
@@ -190,7 +190,7 @@ def test_t9_safetensors_good_and_corrupt(tmp_path: Path, weights: dict[str, torc
 
 
 @pytest.mark.slow
-def test_t10_a_checkpoint_that_needs_too_much_memory_fails_in_the_child(tmp_path: Path) -> None:
+def test_a_checkpoint_that_needs_too_much_memory_fails_in_the_child(tmp_path: Path) -> None:
     p = tmp_path / "big.pt"
     torch.save({"conv1.weight": torch.zeros(40_000_000)}, p)  # 160 MB of tensor data
     with pytest.raises(TeacherError, match="more memory than teacher.memory_limit_mb"):
@@ -199,7 +199,7 @@ def test_t10_a_checkpoint_that_needs_too_much_memory_fails_in_the_child(tmp_path
 
 
 @pytest.mark.parametrize("wrap", ["state_dict", "model", "module", "both"])
-def test_t11_common_wrappers_are_accepted(tmp_path: Path, weights: dict[str, torch.Tensor], wrap: str) -> None:
+def test_common_wrappers_are_accepted(tmp_path: Path, weights: dict[str, torch.Tensor], wrap: str) -> None:
     sd: dict = dict(weights)  # type: ignore[type-arg]
     if wrap in ("module", "both"):
         sd = {f"module.{k}": v for k, v in sd.items()}
@@ -209,7 +209,7 @@ def test_t11_common_wrappers_are_accepted(tmp_path: Path, weights: dict[str, tor
     assert torch.equal(load(p).model.state_dict()["classifier.bias"], weights["classifier.bias"])
 
 
-def test_t12_file_over_the_size_cap_is_refused_before_reading(good: Path) -> None:
+def test_file_over_the_size_cap_is_refused_before_reading(good: Path) -> None:
     with pytest.raises(TeacherError, match="over the cap of 1000"):
         load(good, max_bytes=1000)
 

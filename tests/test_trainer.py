@@ -1,4 +1,4 @@
-"""The distillation trainer: augmentation, methods, resume, signals, NaN guard, checkpoint faults (F4-F7, F9, F12)."""
+"""The distillation trainer: augmentation, methods, resume, signals, NaN guard, checkpoint faults."""
 
 from __future__ import annotations
 
@@ -161,7 +161,7 @@ def test_resume_at_an_epoch_boundary_is_bitwise_identical(pool_and_teacher: Any,
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_mid_epoch_checkpoints_at_the_step_boundary_then_resumes(
     pool_and_teacher: Any, tmp_path: Path, signum: int
-) -> None:  # F6, F7
+) -> None:
     full = make_trainer(pool_and_teacher, "kd", epochs=2)  # kd: every image, 4 steps per epoch
     full.fit()
     ckpt = tmp_path / "ckpt.pt"
@@ -191,7 +191,7 @@ def test_signal_mid_epoch_checkpoints_at_the_step_boundary_then_resumes(
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(
     pool_and_teacher: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:  # F5, F9
+) -> None:
     ckpt = tmp_path / "ckpt.pt"
     t = make_trainer(pool_and_teacher, epochs=2, checkpoint=ckpt)
     t._run_epoch()
@@ -224,7 +224,7 @@ def test_a_foreign_checkpoint_or_other_settings_start_over(pool_and_teacher: Any
 
 
 @pytest.mark.parametrize("policy", ["abort", "skip"])
-def test_non_finite_loss_is_caught_before_the_step(pool_and_teacher: Any, tmp_path: Path, policy: str) -> None:  # F12
+def test_non_finite_loss_is_caught_before_the_step(pool_and_teacher: Any, tmp_path: Path, policy: str) -> None:
     ckpt = tmp_path / "ckpt.pt"
     t = make_trainer(pool_and_teacher, "kd", epochs=2, checkpoint=ckpt, nan_policy=policy)
     t._run_epoch()
