@@ -10,15 +10,15 @@ contrastive head is training-only and dropped). ``meta`` travels inside the arch
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from kd3util import atomic_path, sha256_file, write_json
 
 
 class Deployable(nn.Module):
@@ -34,32 +34,24 @@ class Deployable(nn.Module):
         return self.student((x - self.mean) / self.std)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def export_student(student: nn.Module, out_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """Write ``student.pt`` (state_dict), ``student.ts`` (TorchScript) and ``student.json``; returns the record."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model = Deployable(student, meta["mean"], meta["std"]).eval()
     example = torch.rand(2, meta["in_chans"], meta["input_size"], meta["input_size"])
     weights, script = out_dir / "student.pt", out_dir / "student.ts"
-    tmp_w, tmp_s = weights.with_suffix(".pt.tmp"), script.with_suffix(".ts.tmp")
-    torch.save(model.state_dict(), tmp_w)
-    with warnings.catch_warnings(), torch.no_grad():  # torch.jit is deprecated in 2.14 but still what users load
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, example)
-        torch.jit.save(traced, str(tmp_s), _extra_files={"kd3.json": json.dumps(meta)})
-        check = torch.jit.load(str(tmp_s))
-        if not torch.allclose(check(example), model(example), atol=1e-4, rtol=1e-4):
-            raise RuntimeError("TorchScript export does not reproduce the student's outputs")
-    os.replace(tmp_w, weights)
-    os.replace(tmp_s, script)
+    with atomic_path(weights) as tmp_w, atomic_path(script) as tmp_s:
+        torch.save(model.state_dict(), tmp_w)
+        with warnings.catch_warnings(), torch.no_grad():  # torch.jit is deprecated in 2.14 but still what users load
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(model, example)
+            torch.jit.save(traced, str(tmp_s), _extra_files={"kd3.json": json.dumps(meta)})
+            check = torch.jit.load(str(tmp_s))
+            if not torch.allclose(check(example), model(example), atol=1e-4, rtol=1e-4):
+                raise RuntimeError("TorchScript export does not reproduce the student's outputs")
     record = {**meta, "weights": weights.name, "torchscript": script.name,
-              "weights_sha256": _sha256(weights), "torchscript_sha256": _sha256(script)}  # fmt: skip
-    tmp = out_dir / "student.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out_dir / "student.json")
+              "weights_sha256": sha256_file(weights), "torchscript_sha256": sha256_file(script)}  # fmt: skip
+    write_json(out_dir / "student.json", record)
     return record
 
 
@@ -70,7 +62,7 @@ def load_exported(out_dir: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]
         raise FileNotFoundError(f"{path}: no exported student (run kd3 distill first)")
     record = json.loads(path.read_text())
     script = Path(out_dir) / record["torchscript"]
-    if _sha256(script) != record["torchscript_sha256"]:
+    if sha256_file(script) != record["torchscript_sha256"]:
         raise ValueError(f"{script}: does not match {path} (changed since export)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distill.data import ImagePool, random_grayscale, random_resized_crop, to_float, uint8_to_float
-from kd3util import progress_bar
+from kd3util import atomic_path, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -131,16 +130,8 @@ def _rank_world() -> tuple[int, int]:
 
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temp file, fsync, rename: a kill or a full disk never tears ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 class Trainer:

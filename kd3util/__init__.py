@@ -34,7 +34,8 @@ __all__ = [
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error remove it.
+    """Yield a temporary path beside ``path``; on success fsync it and rename it onto ``path``, on error
+    remove it.
 
     For writers that need a file name (``np.save``, ``torch.save``): ``with atomic_path(p) as tmp:
     torch.save(obj, tmp)``. The temporary name keeps the suffix, so libraries that add one do not.
@@ -43,6 +44,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         yield tmp
+        with open(tmp, "rb") as f:  # on disk before the rename, so a crash cannot leave an empty file
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

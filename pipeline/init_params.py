@@ -95,7 +95,6 @@ def init_params(
         report.assumed.append(f"crawl.engines: {crawl['engines']}")
     # the template is tuned for the demo's own server; the defaults are polite to real ones
     crawl["http"] = {"allow_private": allow_private}
-    crawl["min_per_class"] = min(int(crawl.get("min_per_class", 1)), int(crawl.get("per_class", 300)))
     params.setdefault("clean", {})["image_size"] = None
     params.setdefault("label", {})["truth"] = None
     distill = params.setdefault("distill", {})

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from crawl.classes import normalise  # the class-file parser's normalisation: names compare as it reads them
+
 
 class ArtifactError(ValueError):
     """A stage output is missing, damaged or does not belong with the others; the message names it."""
@@ -79,8 +81,6 @@ def check_classes(expected: Sequence[str], got: Sequence[str], expected_from: st
 
     The order may differ (a teacher's output order need not be the crawl's); readers map by name.
     """
-    from crawl.classes import normalise  # the same normalisation as the class-file parser
-
     have = {normalise(c) for c in got}
     want = {normalise(c) for c in expected}
     missing = [c for c in expected if normalise(c) not in have]
@@ -97,8 +97,6 @@ def check_classes(expected: Sequence[str], got: Sequence[str], expected_from: st
 
 def index_by_name(order: Sequence[str]) -> dict[str, int]:
     """Normalised class name -> its position in ``order`` (a teacher's output order)."""
-    from crawl.classes import normalise
-
     return {normalise(c): k for k, c in enumerate(order)}
 
 
