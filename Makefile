@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: demo test venv data lint clean-demo
+.PHONY: demo test test-fast venv data lint clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: venv data
 
 test: venv
 	$(PY) -m pytest
+
+# The inner loop: the tests not marked slow, in parallel (a minute or two on 2 cores).
+test-fast: venv
+	$(PY) -m pytest -n auto -m "not slow and not network and not gpu"
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

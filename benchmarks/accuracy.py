@@ -51,8 +51,16 @@ from pipeline.artifacts.teacher import TeacherRecord  # noqa: E402
 from pipeline.config import DistillConfig, build, read_params  # noqa: E402
 
 # KD³ as the paper describes it: every component on, every switch of ours off
-FAITHFUL = {"kd3": {"selection": True, "shared_classifier": True, "feature_weighting": True, "mixdistribution": True,
-                    "kd_weight": 0.0, "query_prior": 0.0}}  # fmt: skip
+FAITHFUL = {
+    "kd3": {
+        "selection": True,
+        "shared_classifier": True,
+        "feature_weighting": True,
+        "mixdistribution": True,
+        "kd_weight": 0.0,
+        "query_prior": 0.0,
+    }
+}
 
 # name -> overrides of the distill section (dotted keys); "default" is params.yaml as shipped
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -92,8 +100,9 @@ def original_pool(work: Path, n: int | None, teacher_dir: str, device: torch.dev
     kept = [{"sha256": k, "path": "", "class_name": "", "class_index": -1} for k in keys]
     CleanSet.save_index(clean, kept, {"kept": len(kept)}, record.classes)
     teacher = record.load_teacher().to(device)
-    logits = predict(teacher, images, input_size=record.input_size, in_chans=record.in_chans, batch_size=512,
-                     device=device)  # fmt: skip
+    logits = predict(
+        teacher, images, input_size=record.input_size, in_chans=record.in_chans, batch_size=512, device=device
+    )
     report = {"teacher_sha256": record.sha256, "images_fingerprint": CleanSet.load(clean).fingerprint, "n": n}
     PseudoLabels.save(label, logits, report)
     return str(clean), str(label)
@@ -165,8 +174,11 @@ def main() -> None:
 
     rows: dict[str, dict[str, list[float]]] = {}
     teacher.eval()
-    rows["teacher"] = {"val": [accuracy(teacher, *val, size, chans)], "test": [accuracy(teacher, *test, size, chans)],
-                       "seconds": [0.0]}  # fmt: skip
+    rows["teacher"] = {
+        "val": [accuracy(teacher, *val, size, chans)],
+        "test": [accuracy(teacher, *test, size, chans)],
+        "seconds": [0.0],
+    }
     names = [n for n in VARIANTS if not args.variants or any(v in n for v in args.variants)]
     t_all = time.time()
     tasks = []
@@ -195,8 +207,11 @@ def main() -> None:
             res["val"].append(accuracy(model, *val, size, chans))
             res["test"].append(accuracy(model, *test, size, chans))
             res["seconds"].append(seconds)
-            print(f"{name} seed {seed}: val {res['val'][-1]:.4f} test {res['test'][-1]:.4f} ({seconds:.0f} s)",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"{name} seed {seed}: val {res['val'][-1]:.4f} test {res['test'][-1]:.4f} ({seconds:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
     reused = sum(1 for r in rows.values() for x in r["seconds"] if x < 0)
     lines = [
         "| method | validation acc. % (test[0:2000]) | test acc. % (test[2000:10000]) | seeds |",
@@ -210,12 +225,16 @@ def main() -> None:
         if kd and up and name in rows and rows[name]["test"]:
             lo, hi, got = (statistics.mean(x["test"]) for x in (kd, up, rows[name]))
             closed = 100 * (got - lo) / (hi - lo)
-            summary.append(f"- {name}: closes {closed:.0f}% of the gap from KD (web) to the upper "
-                           f"reference ({100 * lo:.1f} → {100 * hi:.1f}).")  # fmt: skip
-    settings = (f"Student `{base['student']}`, {base['epochs']} epochs, batch {base['batch_size']}, lr {base['lr']} "
-                f"({base['lr_schedule']}), seeds {args.seeds}, device {device}; web pool {pool_n} images; "
-                f"{args.jobs} runs in parallel; wall {time.time() - t_all:.0f} s"
-                + (f" ({reused} of {len(tasks)} runs reused from an earlier call)." if reused else "."))  # fmt: skip
+            summary.append(
+                f"- {name}: closes {closed:.0f}% of the gap from KD (web) to the upper "
+                f"reference ({100 * lo:.1f} → {100 * hi:.1f})."
+            )
+    settings = (
+        f"Student `{base['student']}`, {base['epochs']} epochs, batch {base['batch_size']}, lr {base['lr']} "
+        f"({base['lr_schedule']}), seeds {args.seeds}, device {device}; web pool {pool_n} images; "
+        f"{args.jobs} runs in parallel; wall {time.time() - t_all:.0f} s"
+        + (f" ({reused} of {len(tasks)} runs reused from an earlier call)." if reused else ".")
+    )
     text = "\n".join(lines) + "\n\n" + "\n".join(summary) + ("\n\n" if summary else "\n") + settings + "\n"
     print(text)
     if not args.variants:

@@ -43,11 +43,20 @@ def run_ours(urls: list[str], threads: int, work: Path) -> tuple[float, int]:
     tsv = work / "urls.tsv"
     tsv.write_text("".join(f"bench\t{u}\n" for u in urls))
     # the loopback mirror is a private address, refused unless allowed
-    fetcher = Fetcher(HttpLimits(per_host_concurrency=threads, per_host_delay_s=0.0, pool_size=threads,
-                                 allow_private=True))  # fmt: skip
+    fetcher = Fetcher(
+        HttpLimits(per_host_concurrency=threads, per_host_delay_s=0.0, pool_size=threads, allow_private=True)
+    )
     ctx = SearchContext(fetcher, urls_file=str(tsv))
-    crawler = Crawler(work / "ours", {"urls": make_source("urls", ctx)}, lambda c: [c.name], fetcher,
-                      workers=threads, per_class=len(urls), oversample=1.0, progress=False)  # fmt: skip
+    crawler = Crawler(
+        work / "ours",
+        {"urls": make_source("urls", ctx)},
+        lambda c: [c.name],
+        fetcher,
+        workers=threads,
+        per_class=len(urls),
+        oversample=1.0,
+        progress=False,
+    )
     t0 = time.perf_counter()
     reports = crawler.run(parse_classes("bench"))
     return time.perf_counter() - t0, reports[0].downloaded

@@ -58,10 +58,14 @@ def main() -> None:
     rank = list(range(len(searched)))
     # the 16x16 verification thumbnails are not among the stage outputs: recompute them
     params = AnalyzeParams()
-    small = np.stack([
-        np.frombuffer(analyze_file(args.crawl / o["path"], params)["small"], dtype=np.uint8).reshape(SMALL, SMALL, 3)
-        for o in searched
-    ])  # fmt: skip
+    small = np.stack(
+        [
+            np.frombuffer(analyze_file(args.crawl / o["path"], params)["small"], dtype=np.uint8).reshape(
+                SMALL, SMALL, 3
+            )
+            for o in searched
+        ]
+    )
     rows = [("clean stage output", pair_set(found))]
     for t in (int(x) for x in args.thresholds.split(",")):
         pairs = near_pairs(hashes, t)

@@ -47,10 +47,14 @@ class PoolDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
         from torchvision import transforms
 
         self.images = images
-        self.tf = transforms.Compose([
-            transforms.RandomResizedCrop(size, scale=(0.35, 1.0)), transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(), transforms.Normalize(MEAN, STD),
-        ])  # fmt: skip
+        self.tf = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(size, scale=(0.35, 1.0)),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(MEAN, STD),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -78,8 +82,15 @@ def reference(pair: str, device: torch.device, n: int, batch: int, steps: int, w
     method, images = build(pair, device, n)
     size = PAIRS[pair][2]
     ds = PoolDataset(images, size)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
     opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
     t = method.teacher
 
@@ -125,8 +136,15 @@ def ours(pair: str, device: torch.device, n: int, batch: int, steps: int, compil
     size = PAIRS[pair][2]
     with torch.no_grad():
         logits = torch.zeros(n, 10)
-    trainer = Trainer(method, ImagePool(images, device), logits, schedule=Schedule(epochs=1, batch_size=batch, lr=0.01),
-                      augment=Augment(size=size), runtime=Runtime(device=device, compile=compile_), seed=0)  # fmt: skip
+    trainer = Trainer(
+        method,
+        ImagePool(images, device),
+        logits,
+        schedule=Schedule(epochs=1, batch_size=batch, lr=0.01),
+        augment=Augment(size=size),
+        runtime=Runtime(device=device, compile=compile_),
+        seed=0,
+    )
     trainer.select()
     trainer.order = torch.arange(n)[torch.randperm(n)][: batch * (steps + 3)]
     it = trainer._batches()
@@ -160,9 +178,15 @@ def busy_fraction(pair: str, device: torch.device, n: int, batch: int, steps: in
     from torch.profiler import ProfilerActivity, profile
 
     method, images = build(pair, device, n)
-    trainer = Trainer(method, ImagePool(images, device), torch.zeros(n, 10),
-                      schedule=Schedule(epochs=1, batch_size=batch, lr=0.01), augment=Augment(size=PAIRS[pair][2]),
-                      runtime=Runtime(device=device), seed=0)  # fmt: skip
+    trainer = Trainer(
+        method,
+        ImagePool(images, device),
+        torch.zeros(n, 10),
+        schedule=Schedule(epochs=1, batch_size=batch, lr=0.01),
+        augment=Augment(size=PAIRS[pair][2]),
+        runtime=Runtime(device=device),
+        seed=0,
+    )
     trainer.select()
     it = trainer._batches()
 
@@ -205,8 +229,18 @@ def main() -> None:
         if args.compile:
             variants.append(("ours + torch.compile", ours(pair, device, args.pool, batch, args.steps, True)))
         for name, res in variants:
-            rows.append((pair, name, ref["steps"], res["steps"], res["steps"] / ref["steps"], ref["epoch"],
-                         res["epoch"], res["epoch"] / ref["epoch"]))  # fmt: skip
+            rows.append(
+                (
+                    pair,
+                    name,
+                    ref["steps"],
+                    res["steps"],
+                    res["steps"] / ref["steps"],
+                    ref["epoch"],
+                    res["epoch"],
+                    res["epoch"] / ref["epoch"],
+                )
+            )
         busy = busy_fraction(pair, device, args.pool, batch, args.steps)
         if busy is not None:
             print(f"{pair}: GPU busy {100 * busy:.0f}% of step time (ours)")

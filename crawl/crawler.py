@@ -373,8 +373,18 @@ def summary_table(reports: list[ClassReport]) -> str:
     already had. ``skipped ok`` / ``skipped failed`` count candidates not requested because an
     earlier run finished them (so a rerun that requests nothing says why).
     """
-    head = ("class", "found", "downloaded", "new", "duplicates", "requests", "skipped ok", "skipped failed",
-            "failed", "top failure reasons")  # fmt: skip
+    head = (
+        "class",
+        "found",
+        "downloaded",
+        "new",
+        "duplicates",
+        "requests",
+        "skipped ok",
+        "skipped failed",
+        "failed",
+        "top failure reasons",
+    )
 
     def counts(rs: list[ClassReport]) -> tuple[str, ...]:
         keys = ("downloaded", "new", "duplicates", "requests", "skipped_ok", "skipped_failed")

@@ -135,8 +135,9 @@ class IsolatedPool:
         while any(w.task is not None for w in self.workers):
             busy = [w for w in self.workers if w.task is not None]
             deadline = min(w.started + self.timeout_s * len(w.task or ()) for w in busy)
-            ready = wait([w.conn for w in busy] + [w.proc.sentinel for w in busy],
-                         timeout=max(0.0, deadline - time.monotonic()))  # fmt: skip
+            ready = wait(
+                [w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=max(0.0, deadline - time.monotonic())
+            )
             for i, w in enumerate(list(self.workers)):
                 if w.task is None:
                     continue

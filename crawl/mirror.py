@@ -39,8 +39,14 @@ class MirrorServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, world_dir: str | Path, host: str = "127.0.0.1", port: int = 0,
-                 log_path: str | Path | None = None, delay_s: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        world_dir: str | Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_path: str | Path | None = None,
+        delay_s: float = 0.0,
+    ) -> None:
         self.world_dir = Path(world_dir)
         self.delay_s = delay_s  # added latency per image response (benchmarks, kill tests)
         index_path = self.world_dir / "index.json"
@@ -136,15 +142,21 @@ class _Handler(BaseHTTPRequestHandler):
         items = []
         for entry_id in ids:
             entry = self.server.index["entries"][entry_id]
-            meta = {"murl": f"http://{host}/{entry['path']}", "turl": f"http://{host}/{entry['path']}?thumb=1",
-                    "t": f"result {entry_id}"}  # fmt: skip
+            meta = {
+                "murl": f"http://{host}/{entry['path']}",
+                "turl": f"http://{host}/{entry['path']}?thumb=1",
+                "t": f"result {entry_id}",
+            }
             m = html.escape(json.dumps(meta, separators=(",", ":")))  # Bing's compact JSON in the m attribute
             items.append(
                 f'<div class="imgpt"><a class="iusc" href="/images/search?view=detailV2" m="{m}">'
                 f'<img class="mimg" src="{meta["turl"]}"></a></div>'
             )
-        body = ('<!DOCTYPE html><html><body><div class="dgControl"><ul><li>'
-                + "</li><li>".join(items) + "</li></ul></div></body></html>\n").encode()  # fmt: skip
+        body = (
+            '<!DOCTYPE html><html><body><div class="dgControl"><ul><li>'
+            + "</li><li>".join(items)
+            + "</li></ul></div></body></html>\n"
+        ).encode()
         self._send(200, body, "text/html; charset=utf-8")
 
     def _image(self, name: str) -> None:

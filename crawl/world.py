@@ -325,9 +325,18 @@ def build_world(
                 src_id, src_data = rendered[int(rng.integers(len(rendered)))]
                 src_truth = next(t for t in reversed(truth_lines) if t["id"] == src_id)
                 data, fmt = _encode(reupload(src_data, rng, render), rng, render)
-                add(entry_id, data, "file", fmt,
-                    {"kind": "near_dup", "truth": src_truth["truth"], "raw_index": src_truth["raw_index"],
-                     "dup_of": src_id})  # fmt: skip
+                add(
+                    entry_id,
+                    data,
+                    "file",
+                    fmt,
+                    {
+                        "kind": "near_dup",
+                        "truth": src_truth["truth"],
+                        "raw_index": src_truth["raw_index"],
+                        "dup_of": src_id,
+                    },
+                )
             else:  # broken
                 how = str(rng.choice(list(broken_kinds)))
                 if how == "http_404":

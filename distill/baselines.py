@@ -31,8 +31,9 @@ class KDMethod(Method):
         prior = f" with the query prior ρ={self.query_prior:g}" if self.query_prior else ""
         return f"L = KD(o_S, o_T; T={self.temperature:g}){prior} on every image"
 
-    def forward(self, x01: torch.Tensor, generator: torch.Generator | None = None,
-                queries: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    def forward(
+        self, x01: torch.Tensor, generator: torch.Generator | None = None, queries: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             t_logits = self.teacher(x01).float()
         prior = None
@@ -45,16 +46,27 @@ class KDMethod(Method):
 class DFNDMethod(Method):
     name = "dfnd"
 
-    def __init__(self, teacher: Teacher, student: nn.Module, num_classes: int, *, keep: float = 0.47,
-                 accuracy: float = 0.9, theta_lr: float = 1e-3, temperature: float = 4.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        teacher: Teacher,
+        student: nn.Module,
+        num_classes: int,
+        *,
+        keep: float = 0.47,
+        accuracy: float = 0.9,
+        theta_lr: float = 1e-3,
+        temperature: float = 4.0,
+    ) -> None:
         super().__init__()
         self.teacher, self.student, self.temperature = teacher, student, temperature
         self.keep, self.accuracy, self.theta_lr = keep, accuracy, theta_lr
         self.theta = nn.Parameter(torch.zeros(num_classes, num_classes))
 
     def describe(self) -> str:
-        return (f"L = KD(o_S, o_T; T={self.temperature:g}) + NLL(log(softmax(o_S) Q), argmax o_T), "
-                f"diag Q = {self.accuracy:g}; teacher top-{self.keep:.0%} selection once")  # fmt: skip
+        return (
+            f"L = KD(o_S, o_T; T={self.temperature:g}) + NLL(log(softmax(o_S) Q), argmax o_T), "
+            f"diag Q = {self.accuracy:g}; teacher top-{self.keep:.0%} selection once"
+        )
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.student.parameters() if p.requires_grad]  # θ has its own optimizer
@@ -63,17 +75,22 @@ class DFNDMethod(Method):
         return [torch.optim.Adam([self.theta], lr=self.theta_lr)]
 
     def select(
-        self, epoch: int, epochs: int, teacher_logits: torch.Tensor, student_logits: torch.Tensor | None,
+        self,
+        epoch: int,
+        epochs: int,
+        teacher_logits: torch.Tensor,
+        student_logits: torch.Tensor | None,
         queries: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         score = -torch.log_softmax(teacher_logits, 1).max(1).values  # −log max p_T: low is confident
         n_keep = max(1, round(self.keep * len(score)))
         mask = torch.zeros(len(score), dtype=torch.bool)
         mask[torch.argsort(score, stable=True)[:n_keep]] = True
         return mask, teacher_logits.argmax(1)
 
-    def forward(self, x01: torch.Tensor, generator: torch.Generator | None = None,
-                queries: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    def forward(
+        self, x01: torch.Tensor, generator: torch.Generator | None = None, queries: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             t_logits = self.teacher(x01).float()
         s_logits = self.student(self.teacher.normalise(x01)).float()

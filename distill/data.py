@@ -60,9 +60,13 @@ def fashion_mnist_rgb32(images: np.ndarray) -> np.ndarray:
 
 
 def random_resized_crop(
-    x: torch.Tensor, size: int, scale: tuple[float, float], generator: torch.Generator, flip: bool = True,
+    x: torch.Tensor,
+    size: int,
+    scale: tuple[float, float],
+    generator: torch.Generator,
+    flip: bool = True,
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """RandomResizedCrop(size, scale, ratio) + horizontal flip for a whole (B, C, H, W) float batch at once.
 
     One affine grid per image (area fraction ``s ~ U(scale)``, log-uniform aspect ratio, uniform
@@ -115,8 +119,11 @@ class ImagePool:
         if self.resident:
             self.data = torch.from_numpy(np.ascontiguousarray(images)).to(device)
         elif device.type == "cpu":
-            self.data = torch.from_numpy(np.array(images)) if isinstance(images, np.memmap) else torch.from_numpy(
-                np.ascontiguousarray(images))  # fmt: skip
+            self.data = (
+                torch.from_numpy(np.array(images))
+                if isinstance(images, np.memmap)
+                else torch.from_numpy(np.ascontiguousarray(images))
+            )
 
     def __len__(self) -> int:
         return len(self.images)

@@ -49,8 +49,13 @@ def export_student(student: nn.Module, out_dir: Path, meta: dict[str, Any]) -> d
             check = torch.jit.load(str(tmp_s))
             if not torch.allclose(check(example), model(example), atol=1e-4, rtol=1e-4):
                 raise RuntimeError("TorchScript export does not reproduce the student's outputs")
-    record = {**meta, "weights": weights.name, "torchscript": script.name,
-              "weights_sha256": sha256_file(weights), "torchscript_sha256": sha256_file(script)}  # fmt: skip
+    record = {
+        **meta,
+        "weights": weights.name,
+        "torchscript": script.name,
+        "weights_sha256": sha256_file(weights),
+        "torchscript_sha256": sha256_file(script),
+    }
     write_json(out_dir / "student.json", record)
     return record
 

@@ -39,10 +39,16 @@ class Projector(nn.Module):
         super().__init__()
         mid = max(1, c_teacher // 2)
         self.net = nn.Sequential(
-            nn.Conv2d(c_student, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
-            nn.Conv2d(mid, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
-            nn.Conv2d(mid, c_teacher, 1, bias=False), nn.BatchNorm2d(c_teacher), nn.ReLU(inplace=True),
-        )  # fmt: skip
+            nn.Conv2d(c_student, mid, 1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(mid, mid, 3, padding=1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(mid, c_teacher, 1, bias=False),
+            nn.BatchNorm2d(c_teacher),
+            nn.ReLU(inplace=True),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -63,9 +69,14 @@ class KD3Student(nn.Module):
     """Student backbone + projector + shared (frozen) teacher classifier + contrastive head."""
 
     def __init__(
-        self, backbone: Backbone, teacher_classifier: nn.Linear, teacher_channels: int, teacher_hw: int,
-        shared_classifier: bool = True, contrastive: bool = True,
-    ) -> None:  # fmt: skip
+        self,
+        backbone: Backbone,
+        teacher_classifier: nn.Linear,
+        teacher_channels: int,
+        teacher_hw: int,
+        shared_classifier: bool = True,
+        contrastive: bool = True,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.teacher_hw = teacher_hw
@@ -103,9 +114,16 @@ class KD3Student(nn.Module):
 class KD3Loss(nn.Module):
     """Named, weighted KD³ terms; ``forward`` returns ``{"loss": total, <term>: value, ...}``."""
 
-    def __init__(self, feature_weight: float = 1.0, mix_weight: float = 0.001, temperature: float = 0.3,
-                 feature_weighting: bool = True, mixdistribution: bool = True, kd_weight: float = 0.0,
-                 kd_temperature: float = 4.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        feature_weight: float = 1.0,
+        mix_weight: float = 0.001,
+        temperature: float = 0.3,
+        feature_weighting: bool = True,
+        mixdistribution: bool = True,
+        kd_weight: float = 0.0,
+        kd_temperature: float = 4.0,
+    ) -> None:
         super().__init__()
         self.feature_weight, self.mix_weight, self.temperature = feature_weight, mix_weight, temperature
         self.feature_weighting, self.mixdistribution = feature_weighting, mixdistribution
@@ -121,9 +139,13 @@ class KD3Loss(nn.Module):
         return "L = " + " + ".join(terms)
 
     def forward(
-        self, clean: dict[str, torch.Tensor], mixed: dict[str, torch.Tensor] | None, teacher_map: torch.Tensor,
-        teacher_logits: torch.Tensor, log_prior: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:  # fmt: skip
+        self,
+        clean: dict[str, torch.Tensor],
+        mixed: dict[str, torch.Tensor] | None,
+        teacher_map: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        log_prior: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         projected = clean["projected"]
         if teacher_map.shape[-1] > projected.shape[-1]:  # the teacher map is pooled to the student's size
             teacher_map = F.adaptive_avg_pool2d(teacher_map, projected.shape[-2:])
@@ -154,11 +176,24 @@ class KD3Method(Method):
     name = "kd3"
 
     def __init__(
-        self, teacher: Teacher, backbone: Backbone, *, input_size: int, in_chans: int = 3, selection: bool = True,
-        shared_classifier: bool = True, feature_weighting: bool = True, mixdistribution: bool = True,
-        tau: float = 0.95, adaptive_thresholds: bool = True, mix_weight: float = 0.001, temperature: float = 0.3,
-        feature_weight: float = 1.0, kd_weight: float = 0.0, query_prior: float = 0.0,
-    ) -> None:  # fmt: skip
+        self,
+        teacher: Teacher,
+        backbone: Backbone,
+        *,
+        input_size: int,
+        in_chans: int = 3,
+        selection: bool = True,
+        shared_classifier: bool = True,
+        feature_weighting: bool = True,
+        mixdistribution: bool = True,
+        tau: float = 0.95,
+        adaptive_thresholds: bool = True,
+        mix_weight: float = 0.001,
+        temperature: float = 0.3,
+        feature_weight: float = 1.0,
+        kd_weight: float = 0.0,
+        query_prior: float = 0.0,
+    ) -> None:
         super().__init__()
         c_t, hw = teacher.feature_shape(input_size, in_chans)
         self.teacher = teacher
@@ -179,9 +214,13 @@ class KD3Method(Method):
         return self.selection
 
     def select(
-        self, epoch: int, epochs: int, teacher_logits: torch.Tensor, student_logits: torch.Tensor | None,
+        self,
+        epoch: int,
+        epochs: int,
+        teacher_logits: torch.Tensor,
+        student_logits: torch.Tensor | None,
         queries: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.selection or student_logits is None:
             return super().select(epoch, epochs, teacher_logits, student_logits)
         alpha = alpha_schedule(epoch, epochs)
@@ -194,8 +233,9 @@ class KD3Method(Method):
         conf, pred = q.max(1)
         return conf > self.tau, pred
 
-    def forward(self, x01: torch.Tensor, generator: torch.Generator | None = None,
-                queries: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    def forward(
+        self, x01: torch.Tensor, generator: torch.Generator | None = None, queries: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             t_map, t_logits = self.teacher.features_and_logits(x01)
         x = self.teacher.normalise(x01)

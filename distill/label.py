@@ -58,9 +58,7 @@ MIN_KAPPA = 0.2  # teacher-query agreement below this Cohen's kappa is "slight" 
 STARVED_RATIO = 0.2  # a class predicted for under a fifth of the share its queries crawled: starved
 
 
-def transfer_diagnostics(
-    pred: np.ndarray, conf: np.ndarray, queries: np.ndarray, classes: list[str]
-) -> dict[str, Any]:
+def transfer_diagnostics(pred: np.ndarray, conf: np.ndarray, queries: np.ndarray, classes: list[str]) -> dict[str, Any]:
     """How the teacher sees the web pool, per class and overall, with warnings a user can act on.
 
     Each web image has two noisy labels: the teacher's prediction ``pred`` and the class its query
@@ -82,31 +80,56 @@ def transfer_diagnostics(
     per_class = []
     for c, name in enumerate(classes):
         mine = known & (queries == c)
-        per_class.append({
-            "class": name,
-            "crawled": int(query_count[c]),  # images whose query was for this class
-            "teacher_share": round(float(pred_share[c]), 4),  # share of the pool the teacher calls this class
-            "agreement": round(float((pred[mine] == c).mean()), 4) if mine.any() else None,
-            "confidence": round(float(conf[pred == c].mean()), 4) if (pred == c).any() else None,
-        })  # fmt: skip
+        per_class.append(
+            {
+                "class": name,
+                "crawled": int(query_count[c]),  # images whose query was for this class
+                "teacher_share": round(float(pred_share[c]), 4),  # share of the pool the teacher calls this class
+                "agreement": round(float((pred[mine] == c).mean()), 4) if mine.any() else None,
+                "confidence": round(float(conf[pred == c].mean()), 4) if (pred == c).any() else None,
+            }
+        )
     warnings = []
     top = int(pred_share.argmax()) if len(pred) else 0
     expected = query_share[top] if known.any() else 1 / k
     if len(pred) and pred_share[top] > max(COLLAPSE_SHARE, 2 * expected):
-        warnings.append({"code": "collapse", "message": (
-            f"the teacher calls {pred_share[top]:.0%} of the web pool {classes[top]!r} (median confidence "
-            f"{float(np.median(conf[pred == top])):.2f}): its predictions collapse onto one class, so the web "
-            "images look unlike its training data. Crawl images closer to it (other queries, engines or "
-            "sources), or check the teacher's input size and mean/std.")})  # fmt: skip
+        warnings.append(
+            {
+                "code": "collapse",
+                "message": (
+                    f"the teacher calls {pred_share[top]:.0%} of the web pool {classes[top]!r} (median confidence "
+                    f"{float(np.median(conf[pred == top])):.2f}): its predictions collapse onto one class, so the web "
+                    "images look unlike its training data. Crawl images closer to it (other queries, engines or "
+                    "sources), or check the teacher's input size and mean/std."
+                ),
+            }
+        )
     if known.any() and kappa < MIN_KAPPA:
-        warnings.append({"code": "near_chance", "message": (
-            f"the teacher agrees with the crawl queries on {agree:.0%} of the images, against {chance:.0%} by "
-            f"chance (kappa {kappa:.2f}): either the crawl found mostly other things, or the teacher does not "
-            "transfer to these images. Look at the clean stage's contact sheets before distilling.")})  # fmt: skip
+        warnings.append(
+            {
+                "code": "near_chance",
+                "message": (
+                    f"the teacher agrees with the crawl queries on {agree:.0%} of the images, against {chance:.0%} by "
+                    f"chance (kappa {kappa:.2f}): either the crawl found mostly other things, or the teacher does not "
+                    "transfer to these images. Look at the clean stage's contact sheets before distilling."
+                ),
+            }
+        )
     starved = [classes[c] for c in range(k) if query_share[c] > 0 and pred_share[c] < STARVED_RATIO * query_share[c]]
     if starved:
-        warnings.append({"code": "starved", "message": (
-            f"the teacher almost never predicts {', '.join(map(repr, starved[:6]))} on the web pool (under a fifth "
-            "of the share their queries crawled): the student will learn little about them.")})  # fmt: skip
-    return {"per_class": per_class, "agreement": round(agree, 4), "chance_agreement": round(chance, 4),
-            "kappa": round(kappa, 4), "warnings": warnings}  # fmt: skip
+        warnings.append(
+            {
+                "code": "starved",
+                "message": (
+                    f"the teacher almost never predicts {', '.join(map(repr, starved[:6]))} on the web pool "
+                    "(under a fifth of the share their queries crawled): the student will learn little about them."
+                ),
+            }
+        )
+    return {
+        "per_class": per_class,
+        "agreement": round(agree, 4),
+        "chance_agreement": round(chance, 4),
+        "kappa": round(kappa, 4),
+        "warnings": warnings,
+    }

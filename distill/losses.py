@@ -26,9 +26,11 @@ import torch.nn.functional as F  # noqa: N812
 
 
 def kd_logit(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 4.0,
     log_prior: torch.Tensor | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Hinton et al. 2015: ``T² · KL(p_T ‖ p_S)`` at temperature T, averaged over the batch.
 
     Shapes: (B, K), (B, K) -> scalar. The teacher side carries no gradient. With ``log_prior``

@@ -169,8 +169,11 @@ class WideResNet(Backbone):
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
         stages, cin = [], widths[0]
         for i, w in enumerate(widths[1:]):
-            stages.append(nn.Sequential(*[WideBlock(cin if j == 0 else w, w, (1 if i == 0 else 2) if j == 0 else 1)
-                                          for j in range(n)]))  # fmt: skip
+            stages.append(
+                nn.Sequential(
+                    *[WideBlock(cin if j == 0 else w, w, (1 if i == 0 else 2) if j == 0 else 1) for j in range(n)]
+                )
+            )
             cin = w
         self.stages = nn.Sequential(*stages)
         self.bn = nn.BatchNorm2d(cin)
@@ -200,9 +203,12 @@ class InvertedResidual(nn.Module):
         if expand != 1:
             layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)]
         layers += [
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
-            nn.ReLU6(inplace=True), nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout),
-        ]  # fmt: skip
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
         self.block = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -373,8 +379,13 @@ def _torchvision_head(net: nn.Module) -> tuple[str | None, nn.Linear | None]:
     if isinstance(net, tv.SwinTransformer) and isinstance(net.head, nn.Linear):
         return "swin", net.head
     head = getattr(net, "classifier", None)
-    if (isinstance(net, tv.ConvNeXt) and isinstance(head, nn.Sequential) and len(head) == 3
-            and isinstance(head[0], nn.LayerNorm) and isinstance(head[2], nn.Linear)):  # fmt: skip
+    if (
+        isinstance(net, tv.ConvNeXt)
+        and isinstance(head, nn.Sequential)
+        and len(head) == 3
+        and isinstance(head[0], nn.LayerNorm)
+        and isinstance(head[2], nn.Linear)
+    ):
         return "convnext", head[2]
     linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
     return None, linears[-1] if linears else None
@@ -400,13 +411,12 @@ def _convnext_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _accept_prefixed_layout(
-    module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: object
-) -> None:
+def _accept_prefixed_layout(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: object) -> None:
     """Load hook: rename a state dict in the layout older versions saved (``net.`` prefixes, ``classifier.*`` twice)."""
     if any(k.startswith(prefix + "net.") for k in state_dict):
-        state_dict.update(strip_net_prefix({k: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)},
-                                           prefix))  # fmt: skip
+        state_dict.update(
+            strip_net_prefix({k: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)}, prefix)
+        )
 
 
 def strip_net_prefix(tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:

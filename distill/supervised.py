@@ -83,7 +83,13 @@ def train_classifier(
         bar.close()
         row = {"epoch": epoch + 1, "loss": loss_sum / total, "train_acc": correct / total, "seconds": time.time() - t0}
         history.append(row)
-        log.info("epoch %d/%d loss %.4f train acc %.4f (%.1f s)", epoch + 1, epochs, row["loss"], row["train_acc"],
-                 row["seconds"])  # fmt: skip
+        log.info(
+            "epoch %d/%d loss %.4f train acc %.4f (%.1f s)",
+            epoch + 1,
+            epochs,
+            row["loss"],
+            row["train_acc"],
+            row["seconds"],
+        )
     model.eval()
     return history

@@ -95,9 +95,17 @@ def sniff_checkpoint(path: Path) -> str:
 
 
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -159,8 +167,10 @@ def _explain(path: Path, message: str) -> TeacherError:
     first = message.strip().splitlines()[0][:200] if message.strip() else ""
     if "weights only load failed" in low or "unsupported global" in low:
         names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", message))) or ["unknown"]
-        return TeacherError(f"{path}: unsafe checkpoint (non-allowlisted globals: {', '.join(names)}); it was not "
-                            "unpickled. Save model.state_dict() instead of whole objects.")  # fmt: skip
+        return TeacherError(
+            f"{path}: unsafe checkpoint (non-allowlisted globals: {', '.join(names)}); it was not "
+            "unpickled. Save model.state_dict() instead of whole objects."
+        )
     if "memory" in low or "alloc" in low:
         return TeacherError(f"{path}: loading needs more memory than teacher.memory_limit_mb allows ({first})")
     if "central directory" in low or "zip archive" in low or "pytorchstreamreader" in low or "eof" in low:
@@ -209,8 +219,10 @@ def load_state_dict(spec: TeacherSpec) -> dict[str, torch.Tensor]:
             ((_, status, value),) = list(pool.imap_unordered([(0, (str(path),))]))
         if status != "ok":
             if status == "crash":
-                raise TeacherError(f"{path}: loading needs more memory than teacher.memory_limit_mb allows "
-                                   f"(the loader process died: {value})")  # fmt: skip
+                raise TeacherError(
+                    f"{path}: loading needs more memory than teacher.memory_limit_mb allows "
+                    f"(the loader process died: {value})"
+                )
             if status == "timeout":
                 raise TeacherError(f"{path}: loading took longer than {spec.load_timeout_s:g} s")
             raise _explain(path, str(value))
@@ -305,8 +317,11 @@ def _mismatches(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, 
     # BatchNorm fills in a missing num_batches_tracked (checkpoints from before it existed)
     missing = [k for k in own if k not in tensors and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in tensors if k not in own]
-    shapes = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in tensors and tensors[k].shape != v.shape]  # fmt: skip
+    shapes = [
+        f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -341,8 +356,11 @@ def _check_outputs(teacher: Teacher, spec: TeacherSpec, path: Path, input_size: 
             f"{path}: the teacher has {out.shape[-1]} outputs but the class list has {spec.num_classes} classes"
         )
     if not bool(torch.isfinite(out).all()):
-        negative = [k for k, v in teacher.model.state_dict().items()
-                    if k.endswith("running_var") and v.is_floating_point() and bool((v < 0).any())]  # fmt: skip
+        negative = [
+            k
+            for k, v in teacher.model.state_dict().items()
+            if k.endswith("running_var") and v.is_floating_point() and bool((v < 0).any())
+        ]
         where = f" (negative running_var in {', '.join(negative[:3])})" if negative else ""
         raise TeacherError(
             f"{path}: produces non-finite outputs (NaN/inf) on a probe batch although its weights are finite; "
@@ -373,8 +391,9 @@ def load_teacher(spec: TeacherSpec, mean: list[float], std: list[float], input_s
         classifier = next((k for k, m in model.named_modules() if m is model.classifier), None)  # type: ignore[attr-defined]
         weight = tensors.get(f"{classifier}.weight") if classifier else None
         if weight is not None and weight.ndim == 2 and weight.shape[0] != spec.num_classes:
-            raise TeacherError(f"{path}: the teacher has {weight.shape[0]} outputs but the class list has "
-                               f"{spec.num_classes} classes")  # fmt: skip
+            raise TeacherError(
+                f"{path}: the teacher has {weight.shape[0]} outputs but the class list has {spec.num_classes} classes"
+            )
         _mismatches(model, tensors, path, spec)
         model.load_state_dict(tensors, strict=True)
         if spec.feature_layer or spec.classifier_layer:

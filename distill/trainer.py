@@ -109,9 +109,13 @@ class Method(nn.Module):
         return False
 
     def select(
-        self, epoch: int, epochs: int, teacher_logits: torch.Tensor, student_logits: torch.Tensor | None,
+        self,
+        epoch: int,
+        epochs: int,
+        teacher_logits: torch.Tensor,
+        student_logits: torch.Tensor | None,
         queries: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n = teacher_logits.shape[0]
         return torch.ones(n, dtype=torch.bool), teacher_logits.argmax(1)
 
@@ -172,8 +176,13 @@ class Trainer:
         if runtime.channels_last:  # NHWC: faster convolutions on CUDA and on CPU (oneDNN) alike
             method.to(memory_format=torch.channels_last)
         self.params = method.trainable()
-        self.opt = torch.optim.SGD(self.params, lr=schedule.lr, momentum=schedule.momentum,
-                                   weight_decay=schedule.weight_decay, nesterov=schedule.nesterov)  # fmt: skip
+        self.opt = torch.optim.SGD(
+            self.params,
+            lr=schedule.lr,
+            momentum=schedule.momentum,
+            weight_decay=schedule.weight_decay,
+            nesterov=schedule.nesterov,
+        )
         self.extra_opts = method.extra_optimizers()
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule.lr_factor)
         self.order_gen = torch.Generator().manual_seed(seed)  # shared by all ranks: same order
@@ -182,9 +191,10 @@ class Trainer:
         self.step_fn: nn.Module = method
         if self.world > 1:
             self.step_fn = nn.parallel.DistributedDataParallel(
-                method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                method,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False,
-            )  # fmt: skip
+            )
         if runtime.compile:
             self.step_fn = torch.compile(self.step_fn)  # type: ignore[assignment]
         self.epoch, self.step, self.global_step = 0, 0, 0
@@ -316,8 +326,11 @@ class Trainer:
         self.last_selection = (trained, pred)  # for reports: contact sheets of kept and dropped images
         self.step = 0
         frac = round(len(chosen) / max(len(self.rows), 1), 4)
-        info: dict[str, Any] = {"selected": len(chosen), "selected_fraction": frac,
-                                "selection_seconds": round(time.time() - t0, 2)}  # fmt: skip
+        info: dict[str, Any] = {
+            "selected": len(chosen),
+            "selected_fraction": frac,
+            "selection_seconds": round(time.time() - t0, 2),
+        }
         if self.truth is not None:  # demo only: how clean the chosen subset is (training never reads it)
             t = self.truth[chosen]
             info["selection_precision"] = round(float((t == pred[chosen]).float().mean()), 4)
@@ -444,7 +457,6 @@ class Trainer:
             self.on_epoch(row)
         if self.rank == 0:
             log.info("distill: %s", epoch_line(row, self.schedule.epochs))
-
 
 
 def epoch_line(row: dict[str, Any], epochs: int) -> str:

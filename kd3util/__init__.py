@@ -119,5 +119,12 @@ def progress_bar(total: int | None, desc: str, unit: str = "it", enabled: bool =
     """A tqdm bar on stderr with an ETA, drawn only when stderr is a terminal (quiet in logs and CI)."""
     from tqdm import tqdm  # a dependency of the project, imported only where a bar is drawn
 
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not (enabled and sys.stderr.isatty()),
-                leave=False, dynamic_ncols=True)  # fmt: skip
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        disable=not (enabled and sys.stderr.isatty()),
+        leave=False,
+        dynamic_ncols=True,
+    )

@@ -60,11 +60,20 @@ def collect_objects(store: CrawlStore) -> list[dict[str, Any]]:
         recs.sort(key=lambda r: (r.class_index, r.rank, r.url))
         first = recs[0]
         classes = sorted({(r.class_index, r.class_name) for r in recs})
-        objects.append({
-            "sha256": sha, "path": first.path, "class_name": first.class_name, "class_index": first.class_index,
-            "query": first.query, "engine": first.engine, "rank": first.rank, "url": first.url,
-            "classes": [name for _, name in classes], "num_urls": len(recs),
-        })  # fmt: skip
+        objects.append(
+            {
+                "sha256": sha,
+                "path": first.path,
+                "class_name": first.class_name,
+                "class_index": first.class_index,
+                "query": first.query,
+                "engine": first.engine,
+                "rank": first.rank,
+                "url": first.url,
+                "classes": [name for _, name in classes],
+                "num_urls": len(recs),
+            }
+        )
     objects.sort(key=lambda o: (o["class_index"], o["rank"], o["url"]))
     for i, o in enumerate(objects):
         o["i"] = i  # position: row of the scratch array, and the "earliest" tie-break
@@ -84,8 +93,10 @@ def run(cfg: CleanConfig, image_size: int) -> dict[str, Any]:
     size = image_size
     params = AnalyzeParams(
         limits=DecodeLimits(tuple(cfg.formats), cfg.max_bytes, cfg.max_pixels, cfg.max_frames),
-        hash_size=cfg.hash_size, image_size=size, resize=cfg.resize,
-    )  # fmt: skip
+        hash_size=cfg.hash_size,
+        image_size=size,
+        resize=cfg.resize,
+    )
     workers = cfg.workers or default_workers()
     started = time.time()
 
@@ -97,8 +108,14 @@ def run(cfg: CleanConfig, image_size: int) -> dict[str, Any]:
         tmp / "small.npy", mode="w+", dtype=np.uint8, shape=(len(objects), SMALL, SMALL, 3)
     )
     tasks = ((i, (str(crawl_dir / o["path"]), params, o["sha256"])) for i, o in enumerate(objects))
-    bar = tqdm(total=len(objects), desc="clean", unit="img", disable=not cfg.progress, file=sys.stderr,
-               mininterval=0.1 if sys.stderr.isatty() else 10.0)  # fmt: skip
+    bar = tqdm(
+        total=len(objects),
+        desc="clean",
+        unit="img",
+        disable=not cfg.progress,
+        file=sys.stderr,
+        mininterval=0.1 if sys.stderr.isatty() else 10.0,
+    )
     with IsolatedPool(analyze_file, workers, cfg.decode_timeout_s, cfg.worker_memory_mb << 20, chunk_size=16) as pool:
         for i, status, value in pool.imap_unordered(tasks):
             if status == "ok":
@@ -169,10 +186,15 @@ def run(cfg: CleanConfig, image_size: int) -> dict[str, Any]:
             f.write(json.dumps({k: o.get(k) for k in drop_keys if o.get(k) is not None}, ensure_ascii=False) + "\n")
     with open(tmp / "clusters.jsonl", "w", encoding="utf-8") as f:
         for members in sorted(clusters, key=lambda g: (-len(g), rank[g[0]])):
-            f.write(json.dumps({
-                "survivor": passed[members[0]]["sha256"],
-                "members": [{"sha256": passed[m]["sha256"], "distance": losers[m][1]} for m in members[1:]],
-            }) + "\n")  # fmt: skip
+            f.write(
+                json.dumps(
+                    {
+                        "survivor": passed[members[0]]["sha256"],
+                        "members": [{"sha256": passed[m]["sha256"], "distance": losers[m][1]} for m in members[1:]],
+                    }
+                )
+                + "\n"
+            )
 
     _sheets(tmp / "sheets", dropped, clusters, passed, scratch, cfg.sheet_max)
     report = _report(objects, kept, dropped, clusters, workers, replaced, analysed_s, search_s, time.time() - started)
@@ -190,9 +212,13 @@ def run(cfg: CleanConfig, image_size: int) -> dict[str, Any]:
 
 
 def _sheets(
-    folder: Path, dropped: list[dict[str, Any]], clusters: list[list[int]], passed: list[dict[str, Any]],
-    scratch: np.ndarray, limit: int,
-) -> None:  # fmt: skip
+    folder: Path,
+    dropped: list[dict[str, Any]],
+    clusters: list[list[int]],
+    passed: list[dict[str, Any]],
+    scratch: np.ndarray,
+    limit: int,
+) -> None:
     if limit <= 0:
         return
     by_reason: dict[str, list[tuple[np.ndarray, str]]] = defaultdict(list)
@@ -209,9 +235,16 @@ def _sheets(
 
 
 def _report(
-    objects: list[dict[str, Any]], kept: list[dict[str, Any]], dropped: list[dict[str, Any]],
-    clusters: list[list[int]], workers: int, replaced: int, analysed_s: float, search_s: float, total_s: float,
-) -> dict[str, Any]:  # fmt: skip
+    objects: list[dict[str, Any]],
+    kept: list[dict[str, Any]],
+    dropped: list[dict[str, Any]],
+    clusters: list[list[int]],
+    workers: int,
+    replaced: int,
+    analysed_s: float,
+    search_s: float,
+    total_s: float,
+) -> dict[str, Any]:
     classes: dict[str, dict[str, Any]] = {}
     for o in objects:
         c = classes.setdefault(
@@ -251,7 +284,9 @@ def _table(report: dict[str, Any]) -> str:
         rows.append([c["name"][:30], c["objects"], c["kept"], *(c["dropped"].get(r, 0) for r in reasons)])
     rows.append(["TOTAL", report["objects"], report["kept"], *(report["dropped_by_reason"][r] for r in reasons)])
     r = report
-    tail = (f"clean: kept {r['kept']} of {r['objects']} images, {r['near_duplicate_clusters']} duplicate clusters; "
-            f"analysis {r['images_per_second']} images/s on {r['workers']} workers, "
-            f"near-duplicate search {r['dedup_search_seconds']} s")  # fmt: skip
+    tail = (
+        f"clean: kept {r['kept']} of {r['objects']} images, {r['near_duplicate_clusters']} duplicate clusters; "
+        f"analysis {r['images_per_second']} images/s on {r['workers']} workers, "
+        f"near-duplicate search {r['dedup_search_seconds']} s"
+    )
     return format_table(rows, rules=(1, -1)) + "\n" + tail

@@ -84,7 +84,7 @@ def _guarded(fn: Callable[[], T]) -> T:
         ValueError,
         OSError,
         RuntimeError,
-    ) as e:  # fmt: skip  (TeacherError, FeatureAccessError are ValueErrors)
+    ) as e:  # TeacherError and FeatureAccessError are ValueErrors
         _fail(1, str(e))
     raise AssertionError("unreachable")
 
@@ -227,8 +227,17 @@ def init(
         _fail(2, f"{out}: exists; pass --force to overwrite it, or --out another file")
 
     def go() -> Any:
-        params, report = init_params(template, checkpoint, classes, urls=urls, engines=engine, arch=arch,
-                                     input_size=input_size, eval_dir=eval_dir, allow_private=allow_private)  # fmt: skip
+        params, report = init_params(
+            template,
+            checkpoint,
+            classes,
+            urls=urls,
+            engines=engine,
+            arch=arch,
+            input_size=input_size,
+            eval_dir=eval_dir,
+            allow_private=allow_private,
+        )
         write_params(params, out, report)
         for line in report.filled:
             typer.echo(f"filled   {line}", err=True)
@@ -236,8 +245,11 @@ def init(
             typer.echo(f"assumed  {line}", err=True)
         for line in report.unknown:
             typer.echo(f"set it   {line}", err=True)
-        typer.echo(f"wrote {out}; next: kd3 crawl --params {out}, look at data/crawl, then dvc repro "
-                   "(which reads params.yaml)", err=True)  # fmt: skip
+        typer.echo(
+            f"wrote {out}; next: kd3 crawl --params {out}, look at data/crawl, then dvc repro "
+            "(which reads params.yaml)",
+            err=True,
+        )
 
     _guarded(go)
 

@@ -570,9 +570,11 @@ def resolve_image_size(clean: CleanConfig, teacher_input_size: int, where: str =
     if clean.image_size is None:
         return int(round(teacher_input_size * CROP_MARGIN))
     if clean.image_size < teacher_input_size:
-        raise ConfigError(f"{where}: {clean.image_size} is smaller than teacher.input_size {teacher_input_size}, so "
-                          "every image would be upsampled; use null (the teacher's size plus the crops' margin) "
-                          "or a value >= the teacher's input size")  # fmt: skip
+        raise ConfigError(
+            f"{where}: {clean.image_size} is smaller than teacher.input_size {teacher_input_size}, so "
+            "every image would be upsampled; use null (the teacher's size plus the crops' margin) "
+            "or a value >= the teacher's input size"
+        )
     return clean.image_size
 
 

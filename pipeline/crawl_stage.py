@@ -30,12 +30,20 @@ log = logging.getLogger(__name__)
 def http_limits(cfg: CrawlConfig) -> HttpLimits:
     h = cfg.http
     return HttpLimits(
-        per_host_concurrency=h.per_host_concurrency, per_host_delay_s=h.per_host_delay_s,
-        connect_timeout_s=h.connect_timeout_s, read_timeout_s=h.read_timeout_s, deadline_s=h.deadline_s,
-        max_bytes=h.max_bytes, max_redirects=h.max_redirects, retries=h.retries, backoff_s=h.backoff_s,
-        max_retry_after_s=h.max_retry_after_s, user_agent=h.user_agent, pool_size=max(h.workers, 4),
+        per_host_concurrency=h.per_host_concurrency,
+        per_host_delay_s=h.per_host_delay_s,
+        connect_timeout_s=h.connect_timeout_s,
+        read_timeout_s=h.read_timeout_s,
+        deadline_s=h.deadline_s,
+        max_bytes=h.max_bytes,
+        max_redirects=h.max_redirects,
+        retries=h.retries,
+        backoff_s=h.backoff_s,
+        max_retry_after_s=h.max_retry_after_s,
+        user_agent=h.user_agent,
+        pool_size=max(h.workers, 4),
         allow_private=h.allow_private,
-    )  # fmt: skip
+    )
 
 
 def run(cfg: CrawlConfig, retry_failed: bool = False) -> list[ClassReport]:
@@ -76,10 +84,17 @@ def run(cfg: CrawlConfig, retry_failed: bool = False) -> list[ClassReport]:
                 log.info("mirror serving %s at %s", m.world_dir, server.base_url)
             sources = {name: make_source(name, ctx) for name in cfg.engines}
             crawler = Crawler(
-                out, sources, lambda c: build_queries(c.name, cfg.queries, synonyms.get(c.name, [])), fetcher,
-                workers=cfg.http.workers, per_class=cfg.per_class, oversample=cfg.oversample,
-                min_per_class=cfg.min_per_class, progress=cfg.progress, retry_failed=retry_failed,
-            )  # fmt: skip
+                out,
+                sources,
+                lambda c: build_queries(c.name, cfg.queries, synonyms.get(c.name, [])),
+                fetcher,
+                workers=cfg.http.workers,
+                per_class=cfg.per_class,
+                oversample=cfg.oversample,
+                min_per_class=cfg.min_per_class,
+                progress=cfg.progress,
+                retry_failed=retry_failed,
+            )
             # the store's lock first: a second crawl on this folder is refused before it writes anything
             stack.enter_context(crawler.lock())
             CrawlStore.save_classes(out, classes)

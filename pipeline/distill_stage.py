@@ -55,15 +55,27 @@ def build_method(cfg: DistillConfig, teacher: Teacher, record: TeacherRecord) ->
         return KDMethod(teacher, student, cfg.kd.temperature, cfg.kd.query_prior)
     if cfg.method == "dfnd":
         d = cfg.dfnd
-        return DFNDMethod(teacher, student, k, keep=d.keep, accuracy=d.accuracy, theta_lr=d.theta_lr,
-                          temperature=d.temperature)  # fmt: skip
+        return DFNDMethod(
+            teacher, student, k, keep=d.keep, accuracy=d.accuracy, theta_lr=d.theta_lr, temperature=d.temperature
+        )
     o = cfg.kd3
     return KD3Method(
-        teacher, student, input_size=size, in_chans=chans, selection=o.selection, shared_classifier=o.shared_classifier,
-        feature_weighting=o.feature_weighting, mixdistribution=o.mixdistribution, tau=o.tau,
-        adaptive_thresholds=o.adaptive_thresholds, mix_weight=o.mix_weight, temperature=o.temperature,
-        feature_weight=o.feature_weight, kd_weight=o.kd_weight, query_prior=o.query_prior,
-    )  # fmt: skip
+        teacher,
+        student,
+        input_size=size,
+        in_chans=chans,
+        selection=o.selection,
+        shared_classifier=o.shared_classifier,
+        feature_weighting=o.feature_weighting,
+        mixdistribution=o.mixdistribution,
+        tau=o.tau,
+        adaptive_thresholds=o.adaptive_thresholds,
+        mix_weight=o.mix_weight,
+        temperature=o.temperature,
+        feature_weight=o.feature_weight,
+        kd_weight=o.kd_weight,
+        query_prior=o.query_prior,
+    )
 
 
 def _fingerprint(cfg: DistillConfig, record: TeacherRecord, clean: CleanSet, labels: PseudoLabels) -> str:
@@ -147,8 +159,14 @@ def _run(cfg: DistillConfig, device: torch.device) -> dict[str, Any]:
         val_x, val_y, _, _ = load_eval_set(e.eval_dir, e.fashion_mnist, e.first, e.last, classes, size)
 
         def evaluate(student: torch.nn.Module) -> dict[str, float]:
-            pred = predict(lambda x: student(teacher.normalise(x)), val_x, input_size=size, in_chans=chans,
-                           batch_size=512, device=device).argmax(1)  # fmt: skip
+            pred = predict(
+                lambda x: student(teacher.normalise(x)),
+                val_x,
+                input_size=size,
+                in_chans=chans,
+                batch_size=512,
+                device=device,
+            ).argmax(1)
             return {"val_accuracy": round(float((pred == val_y).mean()), 4)}
 
     torch.manual_seed(cfg.seed)  # the student's initial weights
@@ -157,30 +175,63 @@ def _run(cfg: DistillConfig, device: torch.device) -> dict[str, Any]:
     metrics_dir = Path(cfg.metrics_dir)
     metrics_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(
-        method, ImagePool(images, device, cfg.gpu_memory_budget_mb << 20), torch.from_numpy(logits),
-        schedule=Schedule(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay, lr_schedule=cfg.lr_schedule,
-                          milestones=tuple(cfg.milestones), warmup_epochs=cfg.warmup_epochs),
-        augment=Augment(size=size, scale=(cfg.crop_scale[0], cfg.crop_scale[1]),
-                        ratio=(cfg.crop_ratio[0], cfg.crop_ratio[1]), flip=cfg.flip, grayscale=cfg.grayscale),
-        runtime=Runtime(device=device, amp=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile,
-                        nan_policy=cfg.nan_policy),
-        seed=cfg.seed, train_rows=~held, checkpoint=out / "checkpoint.pt",
-        fingerprint=_fingerprint(cfg, record, clean, labels), selection_view=cfg.kd3.selection_view,
-        evaluate=evaluate, truth=truth, queries=queries,
+        method,
+        ImagePool(images, device, cfg.gpu_memory_budget_mb << 20),
+        torch.from_numpy(logits),
+        schedule=Schedule(
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            lr_schedule=cfg.lr_schedule,
+            milestones=tuple(cfg.milestones),
+            warmup_epochs=cfg.warmup_epochs,
+        ),
+        augment=Augment(
+            size=size,
+            scale=(cfg.crop_scale[0], cfg.crop_scale[1]),
+            ratio=(cfg.crop_ratio[0], cfg.crop_ratio[1]),
+            flip=cfg.flip,
+            grayscale=cfg.grayscale,
+        ),
+        runtime=Runtime(
+            device=device, amp=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile, nan_policy=cfg.nan_policy
+        ),
+        seed=cfg.seed,
+        train_rows=~held,
+        checkpoint=out / "checkpoint.pt",
+        fingerprint=_fingerprint(cfg, record, clean, labels),
+        selection_view=cfg.kd3.selection_view,
+        evaluate=evaluate,
+        truth=truth,
+        queries=queries,
         on_epoch=lambda row: _write_epochs_csv(trainer.history, metrics_dir / "distill_epochs.csv"),
-    )  # fmt: skip
+    )
     describe = getattr(method, "describe", lambda: method.name)()
-    print(f"distill: {cfg.method} {cfg.student} <- {record.arch or 'teacher'}, {int((~held).sum())} "
-          f"training images ({int(held.sum())} held out), {cfg.epochs} epochs on {device}"
-          + (f", resuming at epoch {trainer.epoch + 1}" if trainer.resumed else "") + f"\n  {describe}",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"distill: {cfg.method} {cfg.student} <- {record.arch or 'teacher'}, {int((~held).sum())} "
+        f"training images ({int(held.sum())} held out), {cfg.epochs} epochs on {device}"
+        + (f", resuming at epoch {trainer.epoch + 1}" if trainer.resumed else "")
+        + f"\n  {describe}",
+        file=sys.stderr,
+    )
     history = trainer.fit()
     if trainer.rank != 0:
         return {}
-    meta = {"method": cfg.method, "student": cfg.student, "classes": classes, "input_size": size, "in_chans": chans,
-            "mean": record.mean, "std": record.std, "input": "float RGB in [0, 1], (B, C, S, S)",
-            "teacher_sha256": record.sha256, "holdout": cfg.holdout, "clean_dir": cfg.clean_dir}  # fmt: skip
+    meta = {
+        "method": cfg.method,
+        "student": cfg.student,
+        "classes": classes,
+        "input_size": size,
+        "in_chans": chans,
+        "mean": record.mean,
+        "std": record.std,
+        "input": "float RGB in [0, 1], (B, C, S, S)",
+        "teacher_sha256": record.sha256,
+        "holdout": cfg.holdout,
+        "clean_dir": cfg.clean_dir,
+    }
     export = export_student(method.student, out, meta)
     last = history[-1]
     summary = {
@@ -204,6 +255,7 @@ def _run(cfg: DistillConfig, device: torch.device) -> dict[str, Any]:
     _write_epochs_csv(history, metrics_dir / "distill_epochs.csv")
     va = summary["val_accuracy_last"]
     val = f", validation accuracy {va:.4f}" if va is not None else ""
-    print(f"distill: done in {summary['train_seconds']} s{val}; student exported to {out / 'student.ts'}",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"distill: done in {summary['train_seconds']} s{val}; student exported to {out / 'student.ts'}", file=sys.stderr
+    )
     return summary

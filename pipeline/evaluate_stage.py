@@ -54,10 +54,17 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         if cfg.student_dir:
             metrics["student"] = _student(cfg, teacher, device, record, None, out)
         return metrics
-    images, labels, source, skipped = load_eval_set(cfg.eval_dir, cfg.fashion_mnist, cfg.first, cfg.last, classes,
-                                                    record.input_size)  # fmt: skip
-    logits = predict(teacher, images, input_size=record.input_size, in_chans=record.in_chans,
-                     batch_size=cfg.batch_size, device=device)  # fmt: skip
+    images, labels, source, skipped = load_eval_set(
+        cfg.eval_dir, cfg.fashion_mnist, cfg.first, cfg.last, classes, record.input_size
+    )
+    logits = predict(
+        teacher,
+        images,
+        input_size=record.input_size,
+        in_chans=record.in_chans,
+        batch_size=cfg.batch_size,
+        device=device,
+    )
     pred = logits.argmax(1)
     cm = confusion(labels.astype(np.int64), pred, len(classes))
     per_class = {c: round(float(cm[k, k] / max(cm[k].sum(), 1)), 4) for k, c in enumerate(classes)}
@@ -82,9 +89,13 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def _student(
-    cfg: EvaluateConfig, teacher: Teacher, device: torch.device, record: TeacherRecord,
-    labelled: tuple[np.ndarray, np.ndarray, np.ndarray, str] | None, out: Path,
-) -> dict[str, Any]:  # fmt: skip
+    cfg: EvaluateConfig,
+    teacher: Teacher,
+    device: torch.device,
+    record: TeacherRecord,
+    labelled: tuple[np.ndarray, np.ndarray, np.ndarray, str] | None,
+    out: Path,
+) -> dict[str, Any]:
     """The exported student on the labelled set (images, labels, the teacher's predictions, its name) if
     there is one, and its agreement with the teacher there and on the web images distill held out."""
     exported = ExportedStudent.load(cfg.student_dir, record)  # type: ignore[arg-type]
@@ -97,12 +108,16 @@ def _student(
         images, labels, teacher_pred, source = labelled
         pred = predict(model, images, **kw).argmax(1)
         cm = confusion(labels.astype(np.int64), pred, len(classes))
-        metrics.update({
-            "student_accuracy": round(float((pred == labels).mean()), 4),
-            "student_per_class": {c: round(float(cm[k, k] / max(cm[k].sum(), 1)), 4) for k, c in enumerate(classes)},
-            "agreement_eval": round(float((pred == teacher_pred).mean()), 4),
-            "eval_images": len(labels),
-        })  # fmt: skip
+        metrics.update(
+            {
+                "student_accuracy": round(float((pred == labels).mean()), 4),
+                "student_per_class": {
+                    c: round(float(cm[k, k] / max(cm[k].sum(), 1)), 4) for k, c in enumerate(classes)
+                },
+                "agreement_eval": round(float((pred == teacher_pred).mean()), 4),
+                "eval_images": len(labels),
+            }
+        )
         confusion_image(cm, classes, out / "student_confusion.png", f"student ({meta['method']}) on {source}")
     else:
         message_image(out / "student_confusion.png", f"student ({meta['method']})", NO_EVAL_SET)
@@ -116,8 +131,11 @@ def _student(
     write_json(out / "student.json", metrics)
     web = f"{metrics.get('agreement_heldout_web', float('nan')):.4f} on {len(rows)} held-out web images"
     if labelled is not None:
-        print(f"evaluate: student accuracy {metrics['student_accuracy']:.4f}, agreement with the teacher "
-              f"{metrics['agreement_eval']:.4f} (eval set), {web}", file=sys.stderr)  # fmt: skip
+        print(
+            f"evaluate: student accuracy {metrics['student_accuracy']:.4f}, agreement with the teacher "
+            f"{metrics['agreement_eval']:.4f} (eval set), {web}",
+            file=sys.stderr,
+        )
     else:
         print(f"evaluate: student agreement with the teacher {web}", file=sys.stderr)
     return metrics

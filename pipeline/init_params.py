@@ -28,8 +28,9 @@ class InitReport:
     unknown: list[str] = field(default_factory=list)  # could not be inferred: set it
 
 
-def infer_teacher(checkpoint: Path, num_classes: int, arch: str | None, input_size: int | None,
-                  report: InitReport) -> dict[str, Any]:  # fmt: skip
+def infer_teacher(
+    checkpoint: Path, num_classes: int, arch: str | None, input_size: int | None, report: InitReport
+) -> dict[str, Any]:
     """The ``teacher:`` keys a checkpoint lets us fill, with what was assumed recorded in ``report``."""
     from distill.models import MODELS, architectures_like
     from distill.teacher import TeacherSpec, load_state_dict, sniff_checkpoint
@@ -73,17 +74,27 @@ def infer_teacher(checkpoint: Path, num_classes: int, arch: str | None, input_si
 
 
 def init_params(
-    template: Path, checkpoint: Path, classes: Path, *, urls: Path | None = None, engines: list[str] | None = None,
-    arch: str | None = None, input_size: int | None = None, eval_dir: Path | None = None,
+    template: Path,
+    checkpoint: Path,
+    classes: Path,
+    *,
+    urls: Path | None = None,
+    engines: list[str] | None = None,
+    arch: str | None = None,
+    input_size: int | None = None,
+    eval_dir: Path | None = None,
     allow_private: bool = False,
-) -> tuple[dict[str, Any], InitReport]:  # fmt: skip
+) -> tuple[dict[str, Any], InitReport]:
     """The params for a real run, and what was filled, assumed and left unknown."""
     params = read_params(template)
     report = InitReport()
     names = [c.name for c in read_classes(str(classes))]
     report.filled.append(f"crawl.classes, teacher.classes: {classes} ({len(names)} classes)")
-    params["teacher"] = {**params.get("teacher", {}), "classes": str(classes),
-                         **infer_teacher(checkpoint, len(names), arch, input_size, report)}  # fmt: skip
+    params["teacher"] = {
+        **params.get("teacher", {}),
+        "classes": str(classes),
+        **infer_teacher(checkpoint, len(names), arch, input_size, report),
+    }
     params["teacher"].pop("demo", None)
     crawl = params.setdefault("crawl", {})
     crawl["classes"] = str(classes)
@@ -113,5 +124,6 @@ def init_params(
 def write_params(params: dict[str, Any], path: Path, report: InitReport) -> None:
     head = ["# Written by kd3 init. Every key: docs/params.md. Check the lines below before dvc repro."]
     head += [f"#   assumed: {a}" for a in report.assumed] + [f"#   set it:  {u}" for u in report.unknown]
-    path.write_text("\n".join(head) + "\n" + yaml.safe_dump(params, sort_keys=False, allow_unicode=True),
-                    encoding="utf-8")  # fmt: skip
+    path.write_text(
+        "\n".join(head) + "\n" + yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8"
+    )

@@ -39,8 +39,10 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
     crawled = np.bincount(queries[queries >= 0], minlength=len(classes))
     if (crawled == 0).any():
         empty = [repr(c) for c, n in zip(classes, crawled, strict=True) if n == 0]
-        raise ValueError(f"{clean.dir}: no clean images were crawled for the teacher's class(es) {', '.join(empty)}; "
-                         "crawl them (kd3 crawl) or check the class names")  # fmt: skip
+        raise ValueError(
+            f"{clean.dir}: no clean images were crawled for the teacher's class(es) {', '.join(empty)}; "
+            "crawl them (kd3 crawl) or check the class names"
+        )
     teacher = record.load_teacher()
     images = clean.images
     device = resolve_device(cfg.device)
@@ -49,8 +51,15 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
         total=len(images), desc="label", unit="img", file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 10
     )
     t0 = time.time()
-    logits = predict(teacher, images, input_size=record.input_size, in_chans=record.in_chans,
-                     batch_size=cfg.batch_size, device=device, progress=bar.update)  # fmt: skip
+    logits = predict(
+        teacher,
+        images,
+        input_size=record.input_size,
+        in_chans=record.in_chans,
+        batch_size=cfg.batch_size,
+        device=device,
+        progress=bar.update,
+    )
     seconds = time.time() - t0
     bar.close()
     if len(images) == 0:
@@ -58,9 +67,11 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
     bad = ~np.isfinite(logits).all(axis=1)
     if bad.any():
         first = clean.kept[int(np.flatnonzero(bad)[0])].sha256[:12]
-        raise ValueError(f"{record.checkpoint}: the teacher gave non-finite logits (NaN/inf) for {int(bad.sum())} of "
-                         f"{len(images)} images (first: {first}); nothing was written. Check the checkpoint, e.g. "
-                         "its BatchNorm running statistics")  # fmt: skip
+        raise ValueError(
+            f"{record.checkpoint}: the teacher gave non-finite logits (NaN/inf) for {int(bad.sum())} of "
+            f"{len(images)} images (first: {first}); nothing was written. Check the checkpoint, e.g. "
+            "its BatchNorm running statistics"
+        )
     prob = softmax(logits)
     pred, conf = prob.argmax(1), prob.max(1)
     out = Path(cfg.out_dir)
@@ -89,17 +100,21 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
     print(_table(report), file=sys.stderr)
     if "demo_truth" in report:
         t = report["demo_truth"]
-        line = (f"label: teacher accuracy on in-class web images {t['in_class_accuracy']:.3f} "
-                f"({t['in_class']} images); pseudo-label accuracy on all kept images {t['all_accuracy']:.3f} "
-                f"({t['all']})")  # fmt: skip
+        line = (
+            f"label: teacher accuracy on in-class web images {t['in_class_accuracy']:.3f} "
+            f"({t['in_class']} images); pseudo-label accuracy on all kept images {t['all_accuracy']:.3f} "
+            f"({t['all']})"
+        )
         print(line, file=sys.stderr)
     warnings = report["transfer"]["warnings"]
     for w in warnings:
         print(f"label: warning [{w['code']}]: {w['message']}", file=sys.stderr)
     if warnings and cfg.strict:
         codes = ", ".join(w["code"] for w in warnings)
-        raise TransferWarning(f"label.strict is on and the teacher's view of the web pool raised: {codes} "
-                              f"(details above and in {out / 'report.json'})")  # fmt: skip
+        raise TransferWarning(
+            f"label.strict is on and the teacher's view of the web pool raised: {codes} "
+            f"(details above and in {out / 'report.json'})"
+        )
     return report
 
 
@@ -111,18 +126,32 @@ def _table(report: dict[str, Any]) -> str:
     """Per class: images crawled for it, the teacher's share of the pool, agreement, confidence."""
     t = report["transfer"]
     accuracy = (report.get("demo_truth") or {}).get("per_class") or {}
-    rows: list[list[Any]] = [["class", "crawled", "teacher share", "agrees with query", "confidence",
-                              *(["accuracy (demo)"] if accuracy else [])]]  # fmt: skip
+    rows: list[list[Any]] = [
+        [
+            "class",
+            "crawled",
+            "teacher share",
+            "agrees with query",
+            "confidence",
+            *(["accuracy (demo)"] if accuracy else []),
+        ]
+    ]
     for c in t["per_class"]:
-        cells = [c["class"][:30], c["crawled"], f"{c['teacher_share']:.1%}",
-                 "-" if c["agreement"] is None else f"{c['agreement']:.1%}",
-                 "-" if c["confidence"] is None else f"{c['confidence']:.2f}"]  # fmt: skip
+        cells = [
+            c["class"][:30],
+            c["crawled"],
+            f"{c['teacher_share']:.1%}",
+            "-" if c["agreement"] is None else f"{c['agreement']:.1%}",
+            "-" if c["confidence"] is None else f"{c['confidence']:.2f}",
+        ]
         if accuracy:
             a = accuracy.get(c["class"])
             cells.append("-" if a is None else f"{a:.1%}")
         rows.append(cells)
-    tail = (f"label: the teacher agrees with the crawl queries on {t['agreement']:.1%} of the images "
-            f"(chance {t['chance_agreement']:.1%}, kappa {t['kappa']:.2f})")  # fmt: skip
+    tail = (
+        f"label: the teacher agrees with the crawl queries on {t['agreement']:.1%} of the images "
+        f"(chance {t['chance_agreement']:.1%}, kappa {t['kappa']:.2f})"
+    )
     return format_table(rows) + "\n" + tail
 
 

@@ -36,8 +36,14 @@ log = logging.getLogger(__name__)
 def _demo_teacher(cfg: TeacherConfig, num_classes: int, out: Path) -> tuple[Path, dict[str, Any]]:
     """Train (or reuse) the demo teacher; returns its checkpoint and a description of the training."""
     ckpt = out / "teacher.pt"
-    settings = {"arch": cfg.arch, "num_classes": num_classes, "input_size": cfg.input_size, "mean": cfg.mean,
-                "std": cfg.std, **asdict(cfg.demo)}  # fmt: skip
+    settings = {
+        "arch": cfg.arch,
+        "num_classes": num_classes,
+        "input_size": cfg.input_size,
+        "mean": cfg.mean,
+        "std": cfg.std,
+        **asdict(cfg.demo),
+    }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     if ckpt.is_file() and (out / TeacherRecord.FILE).is_file():
         old = TeacherRecord.load(out)
@@ -52,9 +58,19 @@ def _demo_teacher(cfg: TeacherConfig, num_classes: int, out: Path) -> tuple[Path
     model = build_model(cfg.arch, num_classes, cfg.in_chans)
     log.info("teacher: training the demo teacher %s on Fashion-MNIST train[%d:%d]", cfg.arch, d.first, d.last)
     history = train_classifier(
-        model, x, y, mean=cfg.mean, std=cfg.std, input_size=cfg.input_size, epochs=d.epochs,
-        batch_size=d.batch_size, lr=d.lr, weight_decay=d.weight_decay, seed=d.seed, device=resolve_device(cfg.device),
-    )  # fmt: skip
+        model,
+        x,
+        y,
+        mean=cfg.mean,
+        std=cfg.std,
+        input_size=cfg.input_size,
+        epochs=d.epochs,
+        batch_size=d.batch_size,
+        lr=d.lr,
+        weight_decay=d.weight_decay,
+        seed=d.seed,
+        device=resolve_device(cfg.device),
+    )
     with atomic_path(ckpt) as tmp:  # a kill never leaves a torn checkpoint under the final name
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
     return ckpt, {"key": key, "settings": settings, "history": history}
@@ -72,13 +88,24 @@ def run(cfg: TeacherConfig) -> TeacherRecord:
     else:
         ckpt, fmt = Path(cfg.checkpoint), cfg.format
     record = TeacherRecord(
-        format=fmt, arch=cfg.arch if fmt == "state_dict" else None, classes=classes, input_size=cfg.input_size,
-        in_chans=cfg.in_chans, mean=cfg.mean, std=cfg.std, checkpoint=str(ckpt), sha256=sha256_file(ckpt),
-        bytes=ckpt.stat().st_size, feature_layer=cfg.feature_layer, classifier_layer=cfg.classifier_layer, demo=demo,
-    )  # fmt: skip
+        format=fmt,
+        arch=cfg.arch if fmt == "state_dict" else None,
+        classes=classes,
+        input_size=cfg.input_size,
+        in_chans=cfg.in_chans,
+        mean=cfg.mean,
+        std=cfg.std,
+        checkpoint=str(ckpt),
+        sha256=sha256_file(ckpt),
+        bytes=ckpt.stat().st_size,
+        feature_layer=cfg.feature_layer,
+        classifier_layer=cfg.classifier_layer,
+        demo=demo,
+    )
     # every check of the loader: format, safety, architecture, outputs, finite weights
-    load_teacher(record.spec(max_bytes=cfg.max_bytes, memory_limit_mb=cfg.memory_limit_mb), cfg.mean, cfg.std,
-                 cfg.input_size)  # fmt: skip
+    load_teacher(
+        record.spec(max_bytes=cfg.max_bytes, memory_limit_mb=cfg.memory_limit_mb), cfg.mean, cfg.std, cfg.input_size
+    )
     record.save(out)
     log.info("teacher: %s %s, %d classes, sha256 %s", fmt, record.arch or "", len(classes), record.sha256[:12])
     return record

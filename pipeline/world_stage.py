@@ -36,13 +36,24 @@ def run(cfg: WorldConfig, crawl_cfg: CrawlConfig) -> dict[str, object]:
         raise ValueError(f"{cfg.classes}: {len(classes)} classes, but the data has {int(labels.max()) + 1} labels")
     r = cfg.render
     render = RenderParams(
-        min_size=r.min_size, max_size=r.max_size, nonsquare_prob=r.nonsquare_prob, max_aspect=r.max_aspect,
-        tint_prob=r.tint_prob, light_bg_prob=r.light_bg_prob, dark_bg_prob=r.dark_bg_prob,
-        bg_min_level=r.bg_min_level, dark_bg_max=r.dark_bg_max,
-        object_scale=(r.object_scale[0], r.object_scale[1]), max_shift=r.max_shift,
-        max_rotation_deg=r.max_rotation_deg, blur_prob=r.blur_prob, max_blur=r.max_blur, noise_std=r.noise_std,
-        formats=dict(r.formats), jpeg_quality=(r.jpeg_quality[0], r.jpeg_quality[1]),
-    )  # fmt: skip
+        min_size=r.min_size,
+        max_size=r.max_size,
+        nonsquare_prob=r.nonsquare_prob,
+        max_aspect=r.max_aspect,
+        tint_prob=r.tint_prob,
+        light_bg_prob=r.light_bg_prob,
+        dark_bg_prob=r.dark_bg_prob,
+        bg_min_level=r.bg_min_level,
+        dark_bg_max=r.dark_bg_max,
+        object_scale=(r.object_scale[0], r.object_scale[1]),
+        max_shift=r.max_shift,
+        max_rotation_deg=r.max_rotation_deg,
+        blur_prob=r.blur_prob,
+        max_blur=r.max_blur,
+        noise_std=r.noise_std,
+        formats=dict(r.formats),
+        jpeg_quality=(r.jpeg_quality[0], r.jpeg_quality[1]),
+    )
     m = cfg.mix
     summary = build_world(
         images[cfg.first : cfg.last],

@@ -19,15 +19,33 @@ def make_clean(folder: Path, n: int = 6) -> CleanSet:
     folder.mkdir(parents=True, exist_ok=True)
     images = np.random.default_rng(0).integers(0, 255, (n, 8, 8, 3), dtype=np.uint8)
     np.save(folder / "images.npy", images)
-    kept = [{"sha256": f"{i:064x}", "path": f"o/{i}.png", "class_name": CLASSES[i % 2], "class_index": i % 2,
-             "classes": [CLASSES[i % 2]]} for i in range(n)]  # fmt: skip
+    kept = [
+        {
+            "sha256": f"{i:064x}",
+            "path": f"o/{i}.png",
+            "class_name": CLASSES[i % 2],
+            "class_index": i % 2,
+            "classes": [CLASSES[i % 2]],
+        }
+        for i in range(n)
+    ]
     CleanSet.save_index(folder, kept, {"kept": n}, CLASSES)
     return CleanSet.load(folder)
 
 
 def record(sha: str = "a" * 64) -> TeacherRecord:
-    return TeacherRecord(format="state_dict", arch="resnet8", classes=CLASSES, input_size=8, in_chans=3,
-                         mean=[0.5] * 3, std=[0.5] * 3, checkpoint="t.pt", sha256=sha, bytes=1)  # fmt: skip
+    return TeacherRecord(
+        format="state_dict",
+        arch="resnet8",
+        classes=CLASSES,
+        input_size=8,
+        in_chans=3,
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+        checkpoint="t.pt",
+        sha256=sha,
+        bytes=1,
+    )
 
 
 def test_a_clean_set_round_trips_with_its_class_names_and_queries(tmp_path: Path) -> None:

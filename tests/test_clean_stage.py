@@ -32,8 +32,15 @@ def crawled(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     with MirrorServer(tiny_world) as server:
         ctx = SearchContext(Fetcher(LIMITS), mirror_base_url=server.base_url)
         classes = parse_classes("\n".join(TINY_CLASSES))
-        Crawler(out, {"mirror": make_source("mirror", ctx)}, lambda c: build_queries(c.name, ["{name}"]), ctx.fetcher,
-                workers=4, per_class=100, progress=False).run(classes)  # fmt: skip
+        Crawler(
+            out,
+            {"mirror": make_source("mirror", ctx)},
+            lambda c: build_queries(c.name, ["{name}"]),
+            ctx.fetcher,
+            workers=4,
+            per_class=100,
+            progress=False,
+        ).run(classes)
     CrawlStore.save_classes(out, classes)
     return out
 

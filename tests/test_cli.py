@@ -74,8 +74,10 @@ def test_world_then_crawl_through_the_cli(project: Path) -> None:
 def test_clean_through_the_cli(project: Path) -> None:
     params = str(project / "params.yaml")
     p = project / "params.yaml"
-    p.write_text(p.read_text() + f"clean:\n  crawl_dir: {project / 'crawl'}\n  out_dir: {project / 'clean'}\n"
-                 "  image_size: 16\n  min_side: 16\n  progress: false\n")  # fmt: skip
+    p.write_text(
+        p.read_text() + f"clean:\n  crawl_dir: {project / 'crawl'}\n  out_dir: {project / 'clean'}\n"
+        "  image_size: 16\n  min_side: 16\n  progress: false\n"
+    )
     upsampled = runner.invoke(app, ["clean", "--params", params])  # the default teacher takes 32 px
     assert upsampled.exit_code == 2 and "clean.image_size: 16 is smaller than teacher.input_size 32" in upsampled.output
     p.write_text(p.read_text().replace("image_size: 16", "image_size: null"))  # the teacher's size x 1.5

@@ -362,9 +362,7 @@ def test_kill9_at_random_instants_then_resume(slow_world: Path, tmp_path: Path) 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signals_exit_nonzero_and_keep_completed_work(
-    slow_world: Path, tmp_path: Path, sig: int, code: int
-) -> None:
+def test_signals_exit_nonzero_and_keep_completed_work(slow_world: Path, tmp_path: Path, sig: int, code: int) -> None:
     with MirrorServer(slow_world, delay_s=0.3) as server:  # slow: a loaded machine still signals mid-crawl
         out = tmp_path / "c"
         proc = start_crawl(write_params(tmp_path, server.base_url, out))

@@ -41,20 +41,47 @@ def stage_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pool = fashion_mnist_rgb32(images)
     torch.manual_seed(0)
     teacher = build_model("resnet8", 3)
-    cfg = TeacherConfig(checkpoint=str(root / "teacher.pt"), classes=str(root / "classes.txt"),
-                        out_dir=str(root / "teacher"), device="cpu")  # fmt: skip
-    train_classifier(teacher, pool, labels, mean=cfg.mean, std=cfg.std, input_size=32, epochs=3, batch_size=32,
-                     lr=0.05, weight_decay=0.0, seed=0, device=torch.device("cpu"))  # fmt: skip
+    cfg = TeacherConfig(
+        checkpoint=str(root / "teacher.pt"),
+        classes=str(root / "classes.txt"),
+        out_dir=str(root / "teacher"),
+        device="cpu",
+    )
+    train_classifier(
+        teacher,
+        pool,
+        labels,
+        mean=cfg.mean,
+        std=cfg.std,
+        input_size=32,
+        epochs=3,
+        batch_size=32,
+        lr=0.05,
+        weight_decay=0.0,
+        seed=0,
+        device=torch.device("cpu"),
+    )
     torch.save(teacher.state_dict(), root / "teacher.pt")
     teacher_stage.run(cfg)
     (root / "clean").mkdir()
     np.save(root / "clean" / "images.npy", pool)
     keys = [hashlib.sha256(im.tobytes() + bytes([i])).hexdigest() for i, im in enumerate(pool)]
-    kept = [{"sha256": k, "path": f"objects/{k}.png", "class_name": TINY_CLASSES[c], "class_index": int(c),
-             "classes": [TINY_CLASSES[c]]} for k, c in zip(keys, labels, strict=True)]  # fmt: skip
+    kept = [
+        {
+            "sha256": k,
+            "path": f"objects/{k}.png",
+            "class_name": TINY_CLASSES[c],
+            "class_index": int(c),
+            "classes": [TINY_CLASSES[c]],
+        }
+        for k, c in zip(keys, labels, strict=True)
+    ]
     CleanSet.save_index(root / "clean", kept, {"kept": len(kept)}, TINY_CLASSES)
-    label_stage.run(LabelConfig(clean_dir=str(root / "clean"), teacher_dir=str(root / "teacher"),
-                                out_dir=str(root / "label"), device="cpu"))  # fmt: skip
+    label_stage.run(
+        LabelConfig(
+            clean_dir=str(root / "clean"), teacher_dir=str(root / "teacher"), out_dir=str(root / "label"), device="cpu"
+        )
+    )
     for k, name in enumerate(TINY_CLASSES):
         d = root / "eval" / name.replace("/", "_")
         d.mkdir(parents=True)
@@ -134,8 +161,9 @@ def test_kill9_mid_run_then_rerun_resumes_and_finishes(stage_inputs: Path, tmp_p
     proc.communicate()
     done = torch.load(ckpt, weights_only=True)["epoch"]
     assert 1 <= done < 6
-    result = subprocess.run([*KD3, "distill", "--params", str(params)], cwd=REPO, capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [*KD3, "distill", "--params", str(params)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resuming at epoch {done + 1}" in result.stderr
     history = json.loads((tmp_path / "distill" / "report.json").read_text())["history"]
@@ -164,12 +192,30 @@ def test_torchrun_two_processes_match_one(stage_inputs: Path, tmp_path: Path) ->
     for n in (1, 2):
         work = tmp_path / f"n{n}"
         work.mkdir()
-        params = write_params(stage_inputs, work, epochs=3, method="kd", lr=0.2, batch_size=48, holdout=0.0, flip=False,
-                              crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0])  # fmt: skip
+        params = write_params(
+            stage_inputs,
+            work,
+            epochs=3,
+            method="kd",
+            lr=0.2,
+            batch_size=48,
+            holdout=0.0,
+            flip=False,
+            crop_scale=[1.0, 1.0],
+            crop_ratio=[1.0, 1.0],
+        )
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         bin_dir = Path(sys.executable).parent  # as the README says: torchrun --no-python ... kd3 distill
-        cmd = [str(bin_dir / "torchrun"), "--standalone", "--no-python", f"--nproc_per_node={n}", str(bin_dir / "kd3"),
-               "distill", "--params", str(params)]  # fmt: skip
+        cmd = [
+            str(bin_dir / "torchrun"),
+            "--standalone",
+            "--no-python",
+            f"--nproc_per_node={n}",
+            str(bin_dir / "kd3"),
+            "distill",
+            "--params",
+            str(params),
+        ]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         report = json.loads((work / "distill" / "report.json").read_text())

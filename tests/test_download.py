@@ -18,10 +18,18 @@ from crawl.store import DiskFullError, ObjectStore
 from conftest import HostileServer, free_port, jpeg_bytes, png_bytes, respond, sequence
 
 FAST = HttpLimits(
-    per_host_concurrency=4, per_host_delay_s=0.0, connect_timeout_s=1.0, read_timeout_s=0.5, deadline_s=5.0,
-    max_bytes=200_000, max_redirects=5, retries=3, backoff_s=0.05, max_retry_after_s=3.0,
+    per_host_concurrency=4,
+    per_host_delay_s=0.0,
+    connect_timeout_s=1.0,
+    read_timeout_s=0.5,
+    deadline_s=5.0,
+    max_bytes=200_000,
+    max_redirects=5,
+    retries=3,
+    backoff_s=0.05,
+    max_retry_after_s=3.0,
     allow_private=True,  # the loopback servers here stand in for the public web (tests/test_ssrf.py: the check)
-)  # fmt: skip
+)
 
 
 @pytest.fixture()

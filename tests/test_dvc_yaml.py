@@ -17,9 +17,15 @@ from conftest import REPO
 
 PACKAGES = ("pipeline", "crawl", "distill", "kd3util")
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-SECTIONS = {"world": config.WorldConfig, "crawl": config.CrawlConfig, "clean": config.CleanConfig,
-            "teacher": config.TeacherConfig, "label": config.LabelConfig, "distill": config.DistillConfig,
-            "evaluate": config.EvaluateConfig}  # fmt: skip
+SECTIONS = {
+    "world": config.WorldConfig,
+    "crawl": config.CrawlConfig,
+    "clean": config.CleanConfig,
+    "teacher": config.TeacherConfig,
+    "label": config.LabelConfig,
+    "distill": config.DistillConfig,
+    "evaluate": config.EvaluateConfig,
+}
 
 
 def module_file(name: str) -> Path | None:

@@ -28,9 +28,17 @@ def trainer(images: np.ndarray, checkpoint: Path | None = None, budget: int = 1 
     with torch.no_grad():
         logits = teacher.to(dev)(torch.from_numpy(images[:, 8:40, 8:40]).permute(0, 3, 1, 2).float().div(255).to(dev))
     schedule = Schedule(epochs=2, batch_size=64, lr=0.05)
-    return Trainer(method, ImagePool(images, dev, budget), logits.cpu(), schedule=schedule,
-                   augment=Augment(size=32), runtime=Runtime(device=dev), seed=0, checkpoint=checkpoint,
-                   fingerprint="gpu")  # fmt: skip
+    return Trainer(
+        method,
+        ImagePool(images, dev, budget),
+        logits.cpu(),
+        schedule=schedule,
+        augment=Augment(size=32),
+        runtime=Runtime(device=dev),
+        seed=0,
+        checkpoint=checkpoint,
+        fingerprint="gpu",
+    )
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,15 @@ from pipeline.cli import app
 from conftest import REPO
 
 runner = CliRunner()
-SECTIONS = {"world": config.WorldConfig, "crawl": config.CrawlConfig, "clean": config.CleanConfig,
-            "teacher": config.TeacherConfig, "label": config.LabelConfig, "distill": config.DistillConfig,
-            "evaluate": config.EvaluateConfig}  # fmt: skip
+SECTIONS = {
+    "world": config.WorldConfig,
+    "crawl": config.CrawlConfig,
+    "clean": config.CleanConfig,
+    "teacher": config.TeacherConfig,
+    "label": config.LabelConfig,
+    "distill": config.DistillConfig,
+    "evaluate": config.EvaluateConfig,
+}
 
 
 def test_init_fills_what_a_torchvision_checkpoint_tells_and_says_what_it_assumed(tmp_path: Path) -> None:
@@ -25,9 +31,19 @@ def test_init_fills_what_a_torchvision_checkpoint_tells_and_says_what_it_assumed
     (tmp_path / "classes.txt").write_text("cat\ndog\nbird\n")
     (tmp_path / "urls.tsv").write_text("cat\thttps://example.org/cat.jpg\n")
     out = tmp_path / "params.yaml"
-    args = ["init", "--checkpoint", str(tmp_path / "teacher.pt"), "--classes", str(tmp_path / "classes.txt"),
-            "--urls", str(tmp_path / "urls.tsv"), "--template", str(REPO / "params.yaml"),
-            "--out", str(out)]  # fmt: skip
+    args = [
+        "init",
+        "--checkpoint",
+        str(tmp_path / "teacher.pt"),
+        "--classes",
+        str(tmp_path / "classes.txt"),
+        "--urls",
+        str(tmp_path / "urls.tsv"),
+        "--template",
+        str(REPO / "params.yaml"),
+        "--out",
+        str(out),
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "filled   teacher.arch: torchvision/resnet18 (its keys and shapes)" in result.output
@@ -46,9 +62,22 @@ def test_init_says_what_it_could_not_infer(tmp_path: Path) -> None:
     torch.save({"w": torch.zeros(3, 5)}, tmp_path / "odd.pt")
     (tmp_path / "classes.txt").write_text("cat\ndog\nbird\n")
     out = tmp_path / "p.yaml"
-    result = runner.invoke(app, ["init", "--checkpoint", str(tmp_path / "odd.pt"), "--classes",
-                                 str(tmp_path / "classes.txt"), "--engine", "bing", "--template",
-                                 str(REPO / "params.yaml"), "--out", str(out)])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "init",
+            "--checkpoint",
+            str(tmp_path / "odd.pt"),
+            "--classes",
+            str(tmp_path / "classes.txt"),
+            "--engine",
+            "bing",
+            "--template",
+            str(REPO / "params.yaml"),
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "set it   teacher.arch: no registry or torchvision architecture has exactly its keys" in result.output
     assert "set it   teacher.input_size" in result.output and "set it   teacher.mean/std" in result.output

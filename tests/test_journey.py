@@ -85,8 +85,20 @@ def teacher_checkpoint(arch: str, path: Path) -> None:
     y = np.repeat(np.arange(len(CLASSES)), 40)
     torch.manual_seed(0)
     model = torchvision.models.get_model(arch, weights=None, num_classes=len(CLASSES))
-    train_classifier(model, x, y, mean=IMAGENET_MEAN, std=IMAGENET_STD, input_size=64, epochs=3, batch_size=32,
-                     lr=0.05, weight_decay=0.0, seed=0, device=torch.device("cpu"))  # fmt: skip
+    train_classifier(
+        model,
+        x,
+        y,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        input_size=64,
+        epochs=3,
+        batch_size=32,
+        lr=0.05,
+        weight_decay=0.0,
+        seed=0,
+        device=torch.device("cpu"),
+    )
     torch.save(model.state_dict(), path)  # exactly what a torchvision user saves
 
 
@@ -101,8 +113,9 @@ def test_own_torchvision_teacher_classes_and_url_list_through_dvc_repro(
     mine = repo / "mine"
     mine.mkdir()
     (mine / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    (mine / "urls.tsv").write_text("".join(f"{CLASSES[int(p.name[1])]}\t{base}/{p.name}\n"
-                                           for p in sorted(folder.iterdir())))  # fmt: skip
+    (mine / "urls.tsv").write_text(
+        "".join(f"{CLASSES[int(p.name[1])]}\t{base}/{p.name}\n" for p in sorted(folder.iterdir()))
+    )
     teacher_checkpoint(arch, mine / "teacher.pt")
     if labelled:  # a few labelled images of the teacher's distribution, one folder per class
         rng = np.random.default_rng(7)
@@ -112,15 +125,33 @@ def test_own_torchvision_teacher_classes_and_url_list_through_dvc_repro(
                 draw(k, rng).save(mine / "eval" / name / f"{i}.png")
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["crawl"].update(classes="mine/classes.txt", engines=["urls"], urls_file="mine/urls.tsv", per_class=24,
-                           min_per_class=10, progress=False)  # fmt: skip
+    params["crawl"].update(
+        classes="mine/classes.txt",
+        engines=["urls"],
+        urls_file="mine/urls.tsv",
+        per_class=24,
+        min_per_class=10,
+        progress=False,
+    )
     params["crawl"]["http"].update(allow_private=True, per_host_delay_s=0.0, per_host_concurrency=4)
     params["clean"].update(image_size=None, min_side=32, progress=False)
-    params["teacher"].update(checkpoint="mine/teacher.pt", arch=f"torchvision/{arch}", classes="mine/classes.txt",
-                             input_size=64, mean=IMAGENET_MEAN, std=IMAGENET_STD)  # fmt: skip
+    params["teacher"].update(
+        checkpoint="mine/teacher.pt",
+        arch=f"torchvision/{arch}",
+        classes="mine/classes.txt",
+        input_size=64,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
     params["label"]["truth"] = None
-    params["distill"].update(method=method, student="resnet8", epochs=1, batch_size=16, truth=None,
-                             eval={"eval_dir": "mine/eval" if labelled else None, "fashion_mnist": None, "last": None})
+    params["distill"].update(
+        method=method,
+        student="resnet8",
+        epochs=1,
+        batch_size=16,
+        truth=None,
+        eval={"eval_dir": "mine/eval" if labelled else None, "fashion_mnist": None, "last": None},
+    )
     params["evaluate"].update(eval_dir="mine/eval" if labelled else None, fashion_mnist=None, first=0)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git_commit_all(repo)

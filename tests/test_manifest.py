@@ -78,8 +78,14 @@ def test_crawl_resumes_after_a_tail_torn_inside_a_multibyte_character(tiny_world
         ctx = SearchContext(Fetcher(LIMITS), mirror_base_url=server.base_url)
 
         def crawl() -> None:
-            Crawler(out, {"mirror": make_source("mirror", ctx)}, lambda c: build_queries(c.name, ["{name}"]),
-                    ctx.fetcher, workers=4, progress=False).run(CLASSES)  # fmt: skip
+            Crawler(
+                out,
+                {"mirror": make_source("mirror", ctx)},
+                lambda c: build_queries(c.name, ["{name}"]),
+                ctx.fetcher,
+                workers=4,
+                progress=False,
+            ).run(CLASSES)
 
         crawl()
         manifest = out / "manifest.jsonl"
@@ -200,8 +206,14 @@ def test_crawl_stops_with_the_manifest_path_when_the_disk_fills(
 
         def crawl() -> None:
             ctx = SearchContext(Fetcher(LIMITS), mirror_base_url=server.base_url)  # a stopped fetcher stays stopped
-            Crawler(out, {"mirror": make_source("mirror", ctx)}, lambda c: build_queries(c.name, ["{name}"]),
-                    ctx.fetcher, workers=4, progress=False).run(CLASSES)  # fmt: skip
+            Crawler(
+                out,
+                {"mirror": make_source("mirror", ctx)},
+                lambda c: build_queries(c.name, ["{name}"]),
+                ctx.fetcher,
+                workers=4,
+                progress=False,
+            ).run(CLASSES)
 
         monkeypatch.setattr(os, "write", fill_after_five)
         with pytest.raises(DiskFullError, match=f"appending to {manifest}"):

@@ -137,9 +137,12 @@ def test_finite_weights_with_non_finite_outputs_are_refused(tmp_path: Path, weig
     bad["bn1.running_var"][0] = -1.0  # finite, but sqrt(var + eps) is NaN for every input
     p = tmp_path / "negvar.pt"
     torch.save(bad, p)
-    with pytest.raises(TeacherError, match=rf"{p}: produces non-finite outputs \(NaN/inf\) on a probe batch.*"
-                                           r"check BatchNorm running statistics \(negative running_var in "
-                                           r"bn1.running_var\)"):  # fmt: skip
+    with pytest.raises(
+        TeacherError,
+        match=rf"{p}: produces non-finite outputs \(NaN/inf\) on a probe batch.*"
+        r"check BatchNorm running statistics \(negative running_var in "
+        r"bn1.running_var\)",
+    ):
         load(p)
     from distill.teacher import probe_batch
 

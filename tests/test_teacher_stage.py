@@ -158,8 +158,12 @@ def _teacher_with_params(project: Path, classes: list[str], **teacher: object) -
     (project / "teacher_classes.txt").write_text("\n".join(classes) + "\n")
     p = project / "params.yaml"
     extra = "".join(f", {k}: {json.dumps(v)}" for k, v in teacher.items())
-    p.write_text(p.read_text().replace(f"teacher: {{checkpoint: null, classes: {project}/classes.txt,",
-                                       f"teacher: {{checkpoint: null, classes: {project}/teacher_classes.txt{extra},"))
+    p.write_text(
+        p.read_text().replace(
+            f"teacher: {{checkpoint: null, classes: {project}/classes.txt,",
+            f"teacher: {{checkpoint: null, classes: {project}/teacher_classes.txt{extra},",
+        )
+    )
     return str(p)
 
 

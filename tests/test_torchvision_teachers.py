@@ -18,9 +18,17 @@ MEAN, STD = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]  # the teacher sees exactly the ima
 
 # families where GAP(forward_features) -> classifier must reproduce the logits
 WITH_FEATURES = [
-    "torchvision/resnet18", "resnext50_32x4d", "mobilenet_v2", "efficientnet_b0", "convnext_tiny",
-    "regnet_y_400mf", "densenet121", "shufflenet_v2_x0_5", "mnasnet0_5", "swin_t",
-]  # fmt: skip
+    "torchvision/resnet18",
+    "resnext50_32x4d",
+    "mobilenet_v2",
+    "efficientnet_b0",
+    "convnext_tiny",
+    "regnet_y_400mf",
+    "densenet121",
+    "shufflenet_v2_x0_5",
+    "mnasnet0_5",
+    "swin_t",
+]
 # families whose head is not one linear layer after pooling: logits only, and a message that says so
 LOGIT_ONLY = ["mobilenet_v3_small", "vit_b_16", "maxvit_t", "squeezenet1_0", "alexnet"]
 
@@ -83,8 +91,9 @@ def test_named_layers_give_access_only_where_the_logits_are_reproduced() -> None
     assert googlenet.feature_dim == 1024
     resnet = build_model("torchvision/resnet18", num_classes=4)
     set_feature_access(resnet, "layer4", "fc")  # torchvision's own module names
-    assert resnet.classifier is resnet.fc and list(resnet.state_dict()) == list(torchvision.models.resnet18(
-        num_classes=4).state_dict())  # fmt: skip
+    assert resnet.classifier is resnet.fc and list(resnet.state_dict()) == list(
+        torchvision.models.resnet18(num_classes=4).state_dict()
+    )
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "densenet121", "vit_b_16"])
@@ -108,10 +117,14 @@ def _save_plain(tmp_path: Path, name: str) -> tuple[nn.Module, Path]:
     return plain, path
 
 
-@pytest.mark.parametrize(("name", "arch"), [
-    ("resnet18", "torchvision/resnet18"), ("mobilenet_v3_small", "mobilenet_v3_small"),
-    ("mobilenet_v2", "torchvision/mobilenet_v2"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "arch"),
+    [
+        ("resnet18", "torchvision/resnet18"),
+        ("mobilenet_v3_small", "mobilenet_v3_small"),
+        ("mobilenet_v2", "torchvision/mobilenet_v2"),
+    ],
+)
 def test_a_plain_torchvision_checkpoint_loads_with_the_same_logits(tmp_path: Path, name: str, arch: str) -> None:
     plain, path = _save_plain(tmp_path, name)
     teacher = load_teacher(TeacherSpec(str(path), num_classes=4, arch=arch), MEAN, STD, input_size=64)
@@ -128,11 +141,17 @@ def test_a_plain_torchvision_checkpoint_loads_with_the_same_logits(tmp_path: Pat
 
 def test_the_registry_name_wins_and_the_error_names_the_torchvision_one(tmp_path: Path) -> None:
     _, path = _save_plain(tmp_path, "resnet18")
-    with pytest.raises(TeacherError, match=r"does not match architecture 'resnet18'.*set teacher.arch: "
-                                           r"torchvision/resnet18"):  # fmt: skip
+    with pytest.raises(
+        TeacherError,
+        match=r"does not match architecture 'resnet18'.*set teacher.arch: "
+        r"torchvision/resnet18",
+    ):
         load_teacher(TeacherSpec(str(path), num_classes=4, arch="resnet18"), MEAN, STD)
-    with pytest.raises(TeacherError, match=r"keys are those of 'torchvision/resnet18', but 2 shapes differ "
-                                           r"\(first: fc.weight \(4, 512\) vs \(7, 512\)"):  # fmt: skip
+    with pytest.raises(
+        TeacherError,
+        match=r"keys are those of 'torchvision/resnet18', but 2 shapes differ "
+        r"\(first: fc.weight \(4, 512\) vs \(7, 512\)",
+    ):
         load_teacher(TeacherSpec(str(path), num_classes=7, arch="resnet18"), MEAN, STD)
     ours = tmp_path / "cifar.pt"
     torch.save(build_model("resnet18", 4).state_dict(), ours)  # and the other way round

@@ -36,8 +36,14 @@ def teacher_logits(teacher: Teacher, images: np.ndarray) -> torch.Tensor:
         return teacher(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
 
 
-def make_trainer(pool_and_teacher: Any, method_name: str = "kd3", epochs: int = 3, checkpoint: Path | None = None,
-                 seed: int = 0, **rt: Any) -> Trainer:  # fmt: skip
+def make_trainer(
+    pool_and_teacher: Any,
+    method_name: str = "kd3",
+    epochs: int = 3,
+    checkpoint: Path | None = None,
+    seed: int = 0,
+    **rt: Any,
+) -> Trainer:
     images, teacher = pool_and_teacher
     torch.manual_seed(seed)
     student = build_model("resnet8", 3)
@@ -49,10 +55,16 @@ def make_trainer(pool_and_teacher: Any, method_name: str = "kd3", epochs: int = 
     else:
         method = DFNDMethod(teacher, student, 3, keep=0.5)
     return Trainer(
-        method, ImagePool(images, torch.device("cpu")), teacher_logits(teacher, images),
-        schedule=Schedule(epochs=epochs, batch_size=16, lr=0.05), augment=Augment(size=32),
-        runtime=Runtime(**rt), seed=seed, checkpoint=checkpoint, fingerprint="test",
-    )  # fmt: skip
+        method,
+        ImagePool(images, torch.device("cpu")),
+        teacher_logits(teacher, images),
+        schedule=Schedule(epochs=epochs, batch_size=16, lr=0.05),
+        augment=Augment(size=32),
+        runtime=Runtime(**rt),
+        seed=seed,
+        checkpoint=checkpoint,
+        fingerprint="test",
+    )
 
 
 def weights(t: Trainer) -> dict[str, torch.Tensor]:
@@ -80,9 +92,14 @@ def test_crops_are_seeded_in_range_and_flip_mirrors() -> None:
     assert a.shape == (64, 3, 32, 32) and torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
     g = torch.Generator().manual_seed(2)
     unflipped = random_resized_crop(x, 32, (1.0, 1.0), g, flip=False, ratio=(1.0, 1.0))
-    flips = [torch.allclose(random_resized_crop(x[i : i + 1], 32, (1.0, 1.0), torch.Generator().manual_seed(i),
-                                                ratio=(1.0, 1.0)), unflipped[i : i + 1].flip(-1), atol=1e-5)
-             for i in range(16)]  # fmt: skip
+    flips = [
+        torch.allclose(
+            random_resized_crop(x[i : i + 1], 32, (1.0, 1.0), torch.Generator().manual_seed(i), ratio=(1.0, 1.0)),
+            unflipped[i : i + 1].flip(-1),
+            atol=1e-5,
+        )
+        for i in range(16)
+    ]
     assert 2 <= sum(flips) <= 14  # about half the images are mirrored
 
 
@@ -121,8 +138,10 @@ def test_kd3_trains_with_named_terms_and_selects_per_epoch(pool_and_teacher: Any
     after = t.method.state_dict()
     assert not torch.equal(before["student.backbone.conv1.weight"], after["student.backbone.conv1.weight"])
     assert torch.equal(before["student.classifier.weight"], after["student.classifier.weight"])  # shared, frozen
-    assert same({k: v for k, v in before.items() if k.startswith("teacher.")},
-                {k: v for k, v in after.items() if k.startswith("teacher.")})  # fmt: skip
+    assert same(
+        {k: v for k, v in before.items() if k.startswith("teacher.")},
+        {k: v for k, v in after.items() if k.startswith("teacher.")},
+    )
 
 
 def test_dfnd_keeps_the_most_confident_fraction_and_learns_q(pool_and_teacher: Any) -> None:

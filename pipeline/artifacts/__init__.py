@@ -91,8 +91,10 @@ def check_classes(expected: Sequence[str], got: Sequence[str], expected_from: st
             parts.append(f"only in {expected_from}: {', '.join(map(repr, missing[:8]))}")
         if extra:
             parts.append(f"only in {got_from}: {', '.join(map(repr, extra[:8]))}")
-        raise ArtifactError(f"the class names of {expected_from} and {got_from} differ ({'; '.join(parts)}); "
-                            "class identity is by name, so both must list the same classes")  # fmt: skip
+        raise ArtifactError(
+            f"the class names of {expected_from} and {got_from} differ ({'; '.join(parts)}); "
+            "class identity is by name, so both must list the same classes"
+        )
 
 
 def index_by_name(order: Sequence[str]) -> dict[str, int]:

@@ -67,8 +67,9 @@ class CleanSet:
         -1 where several classes' queries found the image, or its class is not in ``order``.
         """
         index = index_by_name(order)
-        return np.array([index.get(normalise(k.class_name), -1) if len(k.classes) <= 1 else -1 for k in self.kept],
-                        dtype=np.int64)  # fmt: skip
+        return np.array(
+            [index.get(normalise(k.class_name), -1) if len(k.classes) <= 1 else -1 for k in self.kept], dtype=np.int64
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -84,12 +85,15 @@ class CleanSet:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2]:
             raise ArtifactError(f"{path}: expected (N, S, S, 3) uint8, got {images.shape} {images.dtype} ({cls.HINT})")
         if not len(images) == len(kept) == report.get("kept", len(kept)):
-            raise ArtifactError(f"{folder}: images.npy has {len(images)} rows, kept.jsonl {len(kept)} lines, "
-                                f"report.json says {report.get('kept')} ({cls.HINT})")  # fmt: skip
+            raise ArtifactError(
+                f"{folder}: images.npy has {len(images)} rows, kept.jsonl {len(kept)} lines, "
+                f"report.json says {report.get('kept')} ({cls.HINT})"
+            )
         expected = report.get("images_fingerprint")
         if expected and array_fingerprint(images) != expected:
-            raise ArtifactError(f"{path}: does not match the fingerprint in report.json (changed or damaged; "
-                                f"{cls.HINT})")  # fmt: skip
+            raise ArtifactError(
+                f"{path}: does not match the fingerprint in report.json (changed or damaged; {cls.HINT})"
+            )
         if not report.get("class_names"):
             raise ArtifactError(f"{folder / 'report.json'}: records no class names ({cls.HINT})")
         return cls(folder, tuple(report["class_names"]), images, kept, report)

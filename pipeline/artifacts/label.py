@@ -36,13 +36,15 @@ class PseudoLabels:
         logits = load_npy(folder / "logits.npy", "teacher logits", cls.HINT, mmap=False)
         path = folder / "logits.npy"
         if logits.ndim != 2 or logits.shape[1] != len(teacher.classes) or not np.issubdtype(logits.dtype, np.floating):
-            raise ArtifactError(f"{path}: expected (N, {len(teacher.classes)}) floats, got {logits.shape} "
-                                f"{logits.dtype} ({cls.HINT})")  # fmt: skip
+            raise ArtifactError(
+                f"{path}: expected (N, {len(teacher.classes)}) floats, got {logits.shape} {logits.dtype} ({cls.HINT})"
+            )
         if report.get("teacher_sha256") != teacher.sha256:
             raise ArtifactError(f"{folder}: labelled by another teacher than the current record ({cls.HINT})")
         if len(logits) != len(clean.kept):
-            raise ArtifactError(f"{path}: {len(logits)} rows but the clean set {clean.dir} has {len(clean.kept)} "
-                                f"images ({cls.HINT})")  # fmt: skip
+            raise ArtifactError(
+                f"{path}: {len(logits)} rows but the clean set {clean.dir} has {len(clean.kept)} images ({cls.HINT})"
+            )
         if report.get("images_fingerprint") and report["images_fingerprint"] != clean.fingerprint:
             raise ArtifactError(f"{folder}: labelled another clean set than {clean.dir} ({cls.HINT})")
         if not np.isfinite(logits).all():

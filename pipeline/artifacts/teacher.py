@@ -54,9 +54,16 @@ class TeacherRecord:
     def spec(self, **limits: Any) -> TeacherSpec:
         from distill.teacher import TeacherSpec
 
-        return TeacherSpec(checkpoint=self.checkpoint, num_classes=len(self.classes), format=self.format,
-                           arch=self.arch, in_chans=self.in_chans, feature_layer=self.feature_layer,
-                           classifier_layer=self.classifier_layer, **limits)  # fmt: skip
+        return TeacherSpec(
+            checkpoint=self.checkpoint,
+            num_classes=len(self.classes),
+            format=self.format,
+            arch=self.arch,
+            in_chans=self.in_chans,
+            feature_layer=self.feature_layer,
+            classifier_layer=self.classifier_layer,
+            **limits,
+        )
 
     def load_teacher(self) -> Teacher:
         """The frozen teacher, after checking the checkpoint still has the recorded SHA-256."""
