@@ -14,14 +14,25 @@ decompression bomb that slips past the header checks fails inside the worker.
 Tasks travel in chunks of ``chunk_size`` (one pipe round trip per chunk, not per item). When a
 chunk's worker crashes or hangs, its items are run again one per message, so the failure is
 pinned on the one item that caused it and the others still succeed.
+
+Workers die with their parent, even one killed with ``kill -9``: on Linux the kernel sends them
+SIGKILL (``PR_SET_PDEATHSIG``; it fires when the thread that started the worker ends, so use a
+pool from the thread that owns it); elsewhere a thread in the worker watches the parent's pid.
+Each worker closes the pipe ends it inherited but does not use, so a worker waiting for work
+reads end-of-file as soon as the parent is gone. Workers ignore SIGINT: Ctrl-C reaches the whole
+process group, and the parent, not each worker, decides how the run stops.
 """
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import multiprocessing as mp
 import os
 import resource
+import signal
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -42,7 +53,45 @@ def _current_vm_bytes() -> int:
     return 0
 
 
-def _worker_main(fn: Callable[..., Any], conn: Connection, memory_limit: int | None) -> None:
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make sure this worker cannot outlive the parent (a ``kill -9`` of the parent included)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+        if armed:
+            if os.getppid() != parent_pid:  # the parent died before the signal was armed
+                os._exit(1)
+            return
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+
+
+def _worker_main(
+    fn: Callable[..., Any],
+    conn: Connection,
+    memory_limit: int | None,
+    parent_pid: int,
+    inherited: list[Connection],
+) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C hits the process group; the parent stops us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, inherited by fork
+    if hasattr(signal, "pthread_sigmask"):  # blocked by _spawn across the fork
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    _die_with_parent(parent_pid)
+    for c in inherited:  # the parent's ends of this and the other workers' pipes
+        c.close()
     faulthandler.disable()  # a crashing decoder is expected here: the parent reports it in one line
     if memory_limit:
         limit = _current_vm_bytes() + memory_limit  # on top of what the forked parent already maps
@@ -97,8 +146,19 @@ class IsolatedPool:
 
     def _spawn(self) -> _Worker:
         parent, child = self.ctx.Pipe()
-        proc = self.ctx.Process(target=_worker_main, args=(self.fn, child, self.memory_limit), daemon=True)
-        proc.start()
+        inherited = []  # a forked worker holds copies of every pipe end the parent has open
+        if self.ctx.get_start_method() == "fork":
+            inherited = [parent, *(w.conn for w in self.workers if not w.conn.closed)]
+        args = (self.fn, child, self.memory_limit, os.getpid(), inherited)
+        proc = self.ctx.Process(target=_worker_main, args=args, daemon=True)
+        # until the worker has its own handlers, a Ctrl-C must not run the parent's in it
+        masked = hasattr(signal, "pthread_sigmask")
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if masked else set()
+        try:
+            proc.start()
+        finally:
+            if masked:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         child.close()
         return _Worker(proc, parent)
 
@@ -111,8 +171,8 @@ class IsolatedPool:
     def imap_unordered(self, tasks: Iterable[tuple[Any, tuple[Any, ...]]]) -> Iterator[tuple[Any, str, Any]]:
         it = iter(tasks)
         singles: deque[tuple[Any, Any]] = deque()  # items of a failed chunk, re-run one at a time
-        if not self.workers:
-            self.workers = [self._spawn() for _ in range(self.num_workers)]
+        while len(self.workers) < self.num_workers:
+            self.workers.append(self._spawn())
 
         def feed(w: _Worker) -> None:
             chunk = [singles.popleft()] if singles else list(islice(it, self.chunk_size))
@@ -160,22 +220,25 @@ class IsolatedPool:
         self.workers[i] = self._spawn()
         self.replaced += 1
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop every worker: ask each to finish (``wait``), or kill them at once (an interrupt, an error)."""
+        if wait:
+            for w in self.workers:
+                try:
+                    w.conn.send(None)
+                except OSError:
+                    pass
+            for w in self.workers:
+                w.proc.join(2)
         for w in self.workers:
-            try:
-                w.conn.send(None)
-            except OSError:
-                pass
-        for w in self.workers:
-            w.proc.join(2)
             self._kill(w)
         self.workers = []
 
     def __enter__(self) -> IsolatedPool:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.close(wait=exc_type is None)
 
 
 def default_workers() -> int:

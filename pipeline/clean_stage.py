@@ -8,29 +8,40 @@
    A crash or hang costs that file (``decoder_crash`` / ``decoder_timeout``).
 3. Filters (``crawl.filters``), then near-duplicate clusters (``crawl.dedup``): the survivor of a
    cluster is the largest image, then the earliest.
-4. Outputs, written to ``<out_dir>.tmp`` and renamed into place at the end:
-   ``images.npy`` (N, S, S, 3) uint8, memory-mappable; ``kept.jsonl`` (line i describes row i:
-   sha256, class, query, URL, ...); ``dropped.jsonl`` (reason per object); ``clusters.jsonl``;
+4. Outputs, written to ``<out_dir>.tmp`` with ordinary file writes and renamed into place at the
+   end: ``images.npy`` (N, S, S, 3) uint8, memory-mappable; ``kept.jsonl`` (line i describes row
+   i: sha256, class, query, URL, ...); ``dropped.jsonl`` (reason per object); ``clusters.jsonl``;
    ``report.json``; ``sheets/*.png`` contact sheets of the drops by reason and of the largest
    duplicate clusters.
 
-The stage is not resumable; it is cheap to re-run (the report gives images/s), and an interrupted
-run leaves the previous outputs untouched.
+Resume: every analysed file is appended to ``<out_dir>.tmp/analysed/`` (``AnalysisCache``), keyed
+by its SHA-256 and valid only for the same analysis settings. Ctrl-C, SIGTERM, a full disk or a
+kill leave that folder and nothing else; the next run reads it and decodes only the rest. The
+previous outputs stay untouched until the final rename. Nothing is written through a memory map
+(a full disk under a map is SIGBUS, not an error): a failed write is an ``OutputError`` naming
+the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
+import PIL
 from tqdm import tqdm
 
 from crawl.dedup import find_clusters, hex_to_array, near_pairs, thumb_distance
@@ -39,7 +50,7 @@ from crawl.images import SMALL, AnalyzeParams, DecodeLimits, analyze_file
 from crawl.isolate import IsolatedPool, default_workers
 from crawl.manifest import latest_records
 from crawl.sheets import contact_sheet, grid
-from kd3util import format_table
+from kd3util import format_table, write_json
 from pipeline.artifacts.clean import CleanSet
 from pipeline.artifacts.crawl import CrawlStore
 from pipeline.config import CleanConfig
@@ -47,6 +58,155 @@ from pipeline.config import CleanConfig
 log = logging.getLogger(__name__)
 
 DECODABLE_DROPS = ("too_small", "bad_aspect", "blank", "low_information", "near_duplicate")
+CACHE_VERSION = 1  # bump when analyze_file's record changes, so old checkpoints are not reused
+NOT_CACHED = ("missing_file", "sha_mismatch")  # these depend on the store, not on the bytes
+
+
+class OutputError(OSError):
+    """Writing an output (or the resume checkpoint) failed: a full disk, a file size limit."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class CleanInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM during clean; the analysed files are kept for the rerun (the CLI exits 128 + signum)."""
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        super().__init__(message or signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _writing(what: Path | str) -> Iterator[None]:
+    """Turn an ``OSError`` while writing ``what`` into an ``OutputError`` that names it."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as e:
+        raise OutputError(e.errno, f"{e.filename or what}: {e.strerror or e}") from e
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    for s in (signal.SIGINT, signal.SIGTERM):  # one interrupt is enough: the clean-up must not be cut short
+        signal.signal(s, signal.SIG_IGN)
+    raise CleanInterrupted(signum)
+
+
+@contextlib.contextmanager
+def _interrupts_raise() -> Iterator[None]:
+    """Within the block SIGINT and SIGTERM raise ``CleanInterrupted`` (main thread only)."""
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class AnalysisCache:
+    """What ``analyze_file`` said about each file, kept across interrupted runs.
+
+    ``records.jsonl``: one line per analysed file (its SHA-256, the record and the slot of its
+    pixels); ``pixels.bin``: per slot the packed image and the 16x16 thumbnail, raw. Pixels are
+    written before the line that points at them, and both are fsynced in batches, so a kill
+    leaves at worst a torn last line (cut at the next open) or pixels no line points at.
+    ``params.json`` holds the fingerprint of the settings that shape a record; any other
+    fingerprint discards the folder.
+    """
+
+    def __init__(self, folder: Path, params: AnalyzeParams) -> None:
+        self.folder = folder
+        self.size = params.image_size
+        self.pixel_bytes = self.size * self.size * 3
+        self.slot_bytes = self.pixel_bytes + SMALL * SMALL * 3
+        key = {"version": CACHE_VERSION, "pillow": PIL.__version__, "params": dataclasses.asdict(params)}
+        fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()
+        meta = folder / "params.json"
+        try:
+            fresh = json.loads(meta.read_text(encoding="utf-8")).get("fingerprint") != fingerprint
+        except (OSError, ValueError, AttributeError):
+            fresh = True
+        with _writing(folder):
+            if fresh:
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir(parents=True)
+                write_json(meta, {"fingerprint": fingerprint, **key})
+            self._pixels = os.open(folder / "pixels.bin", os.O_RDWR | os.O_CREAT, 0o644)
+            self.slots = os.fstat(self._pixels).st_size // self.slot_bytes
+            os.ftruncate(self._pixels, self.slots * self.slot_bytes)  # a torn last slot
+            self.records = self._load(folder / "records.jsonl")
+            self._lines = os.open(folder / "records.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._pending: list[bytes] = []
+        self._flushed = time.monotonic()
+
+    def _load(self, path: Path) -> dict[str, dict[str, Any]]:
+        records: dict[str, dict[str, Any]] = {}
+        if not path.exists():
+            return records
+        with open(path, "rb+") as f:
+            good = 0
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                    if not line.endswith(b"\n") or (rec["slot"] is not None and rec["slot"] >= self.slots):
+                        raise ValueError("torn")
+                except (ValueError, KeyError, TypeError):
+                    break
+                records[rec["sha256"]] = rec
+                good += len(line)
+            f.truncate(good)  # a line torn by a kill, and anything after it
+        return records
+
+    def get(self, sha256: str) -> dict[str, Any] | None:
+        """The cached record of ``sha256`` (``value``, ``slot``), or None."""
+        return self.records.get(sha256)
+
+    def add(self, sha256: str, value: dict[str, Any], pixels: bytes | None, small: bytes | None) -> int | None:
+        """Keep one analysed file; returns the slot of its pixels (None when it has none)."""
+        slot = None
+        if pixels is not None and small is not None:
+            slot = self.slots
+            with _writing(self.folder / "pixels.bin"):
+                os.pwrite(self._pixels, pixels + small, slot * self.slot_bytes)
+            self.slots += 1
+        if value.get("reason") not in NOT_CACHED:
+            rec = {"sha256": sha256, "slot": slot, "value": value}
+            self.records[sha256] = rec
+            self._pending.append((json.dumps(rec, ensure_ascii=False) + "\n").encode())
+            if len(self._pending) >= 256 or time.monotonic() - self._flushed > 1.0:
+                self.flush()
+        return slot
+
+    def flush(self) -> None:
+        """Make the records added so far durable (pixels first, then the lines that point at them)."""
+        self._flushed = time.monotonic()
+        if not self._pending:
+            return
+        with _writing(self.folder / "pixels.bin"):
+            os.fdatasync(self._pixels)
+        data, self._pending = b"".join(self._pending), []
+        with _writing(self.folder / "records.jsonl"):
+            written = os.write(self._lines, data)
+            if written < len(data):  # a short write: the disk is full (the torn tail is cut at the next open)
+                os.write(self._lines, data[written:])
+            os.fdatasync(self._lines)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(slots, S, S, 3) packed images and (slots, 16, 16, 3) thumbnails, read from disk as needed."""
+        self.flush()
+        if self.slots == 0:
+            raw = np.zeros((0, self.slot_bytes), dtype=np.uint8)
+        else:
+            raw = np.memmap(self.folder / "pixels.bin", dtype=np.uint8, mode="r", shape=(self.slots, self.slot_bytes))
+        pixels = raw[:, : self.pixel_bytes].reshape(-1, self.size, self.size, 3)
+        return pixels, raw[:, self.pixel_bytes :].reshape(-1, SMALL, SMALL, 3)
+
+    def close(self) -> None:
+        for fd in (self._pixels, self._lines):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def collect_objects(store: CrawlStore) -> list[dict[str, Any]]:
@@ -76,7 +236,7 @@ def collect_objects(store: CrawlStore) -> list[dict[str, Any]]:
         )
     objects.sort(key=lambda o: (o["class_index"], o["rank"], o["url"]))
     for i, o in enumerate(objects):
-        o["i"] = i  # position: row of the scratch array, and the "earliest" tie-break
+        o["i"] = i  # position: the "earliest" tie-break
     return objects
 
 
@@ -88,8 +248,6 @@ def run(cfg: CleanConfig, image_size: int) -> dict[str, Any]:
     if not objects:
         raise ValueError(f"{crawl_dir}: the crawl has no downloaded images")
     tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     size = image_size
     params = AnalyzeParams(
         limits=DecodeLimits(tuple(cfg.formats), cfg.max_bytes, cfg.max_pixels, cfg.max_frames),
@@ -98,18 +256,67 @@ def run(cfg: CleanConfig, image_size: int) -> dict[str, Any]:
         resize=cfg.resize,
     )
     workers = cfg.workers or default_workers()
+    with _interrupts_raise():
+        for leftover in tmp.iterdir() if tmp.is_dir() else ():  # an earlier run's partial outputs
+            if leftover.name != "analysed":
+                _remove(leftover)
+        cache = AnalysisCache(tmp / "analysed", params)
+        try:
+            report = _clean(cfg, store, objects, params, workers, cache, tmp)
+        except BaseException as e:
+            cache.close()
+            kept = f"{len(cache.records)} analysed images are kept in {cache.folder} for the rerun"
+            for leftover in tmp.iterdir():
+                if leftover.name != "analysed":
+                    _remove(leftover)
+            if isinstance(e, CleanInterrupted):
+                name = signal.Signals(e.signum).name
+                raise CleanInterrupted(e.signum, f"{name}; {out} is unchanged; {kept}") from None
+            if isinstance(e, OSError):
+                raise OutputError(e.errno, f"{e}; {out} is unchanged; {kept}") from e
+            raise
+        cache.close()
+        _remove(cache.folder)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    print(_table(report), file=sys.stderr)
+    return report
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _clean(
+    cfg: CleanConfig,
+    store: CrawlStore,
+    objects: list[dict[str, Any]],
+    params: AnalyzeParams,
+    workers: int,
+    cache: AnalysisCache,
+    tmp: Path,
+) -> dict[str, Any]:
+    """Steps 1-4 into ``tmp``; the caller renames it into place."""
+    crawl_dir = Path(cfg.crawl_dir)
     started = time.time()
 
-    # 1-2. analyse every object in isolated workers; pixels go straight to a scratch memmap
-    scratch = np.lib.format.open_memmap(
-        tmp / "scratch.npy", mode="w+", dtype=np.uint8, shape=(len(objects), size, size, 3)
-    )
-    small = np.lib.format.open_memmap(
-        tmp / "small.npy", mode="w+", dtype=np.uint8, shape=(len(objects), SMALL, SMALL, 3)
-    )
-    tasks = ((i, (str(crawl_dir / o["path"]), params, o["sha256"])) for i, o in enumerate(objects))
+    # 1-2. analyse every object not in the checkpoint, in isolated workers
+    todo, resumed = [], 0
+    for o in objects:
+        rec = cache.get(o["sha256"])
+        if rec is None:
+            todo.append(o)
+        else:
+            o.update(rec["value"], slot=rec["slot"])
+            resumed += 1
+    tasks = ((o["i"], (str(crawl_dir / o["path"]), params, o["sha256"])) for o in todo)
     bar = tqdm(
         total=len(objects),
+        initial=resumed,
         desc="clean",
         unit="img",
         disable=not cfg.progress,
@@ -120,17 +327,15 @@ def run(cfg: CleanConfig, image_size: int) -> dict[str, Any]:
         for i, status, value in pool.imap_unordered(tasks):
             if status == "ok":
                 pixels, thumb = value.pop("pixels", None), value.pop("small", None)
-                if pixels is not None:
-                    scratch[i] = np.frombuffer(pixels, dtype=np.uint8).reshape(size, size, 3)
-                    small[i] = np.frombuffer(thumb, dtype=np.uint8).reshape(SMALL, SMALL, 3)
-                objects[i].update(value)
-            else:
+                objects[i].update(value, slot=cache.add(objects[i]["sha256"], value, pixels, thumb))
+            else:  # a crash or a timeout may not happen again: not kept in the checkpoint
                 reason = {"crash": "decoder_crash", "timeout": "decoder_timeout"}.get(status, "decoder_error")
                 objects[i].update(reason=reason, detail=str(value)[:200])
                 log.warning("clean: %s %s (%s)", reason, objects[i]["path"], value)
             bar.update(1)
         replaced = pool.replaced
     bar.close()
+    scratch, small = cache.arrays()
     analysed_s = time.time() - started
 
     # 3. filters, then near-duplicates among the survivors
@@ -143,7 +348,7 @@ def run(cfg: CleanConfig, image_size: int) -> dict[str, Any]:
     search_s = time.time() - t0
     candidates = len(pairs)
     if cfg.verify_mad is not None:  # confirm each candidate on the colour thumbnails
-        rows = np.array([o["i"] for o in passed], dtype=np.int64)
+        rows = np.array([o["slot"] for o in passed], dtype=np.int64)
         pairs = pairs[thumb_distance(pairs, small, rows) <= cfg.verify_mad]
     rank = [(-(o["width"] * o["height"]), o["i"]) for o in passed]  # largest survives, then earliest
     clusters = find_clusters(len(passed), pairs, rank)
@@ -161,12 +366,8 @@ def run(cfg: CleanConfig, image_size: int) -> dict[str, Any]:
         else:
             kept.append(o)
 
-    # 4. outputs
-    images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(kept), size, size, 3))
-    for row, o in enumerate(kept):
-        images[row] = scratch[o["i"]]
-    images.flush()
-    del images
+    # 4. outputs, with plain writes: a full disk is an error naming the file
+    _write_images(tmp / "images.npy", scratch, [o["slot"] for o in kept])
     dropped.sort(key=lambda o: o["i"])
     drop_keys = (
         "sha256",
@@ -181,10 +382,10 @@ def run(cfg: CleanConfig, image_size: int) -> dict[str, Any]:
         "height",
         "phash",
     )
-    with open(tmp / "dropped.jsonl", "w", encoding="utf-8") as f:
+    with _writing(tmp / "dropped.jsonl"), open(tmp / "dropped.jsonl", "w", encoding="utf-8") as f:
         for o in dropped:
             f.write(json.dumps({k: o.get(k) for k in drop_keys if o.get(k) is not None}, ensure_ascii=False) + "\n")
-    with open(tmp / "clusters.jsonl", "w", encoding="utf-8") as f:
+    with _writing(tmp / "clusters.jsonl"), open(tmp / "clusters.jsonl", "w", encoding="utf-8") as f:
         for members in sorted(clusters, key=lambda g: (-len(g), rank[g[0]])):
             f.write(
                 json.dumps(
@@ -196,19 +397,27 @@ def run(cfg: CleanConfig, image_size: int) -> dict[str, Any]:
                 + "\n"
             )
 
-    _sheets(tmp / "sheets", dropped, clusters, passed, scratch, cfg.sheet_max)
-    report = _report(objects, kept, dropped, clusters, workers, replaced, analysed_s, search_s, time.time() - started)
+    with _writing(tmp / "sheets"):
+        _sheets(tmp / "sheets", dropped, clusters, passed, scratch, cfg.sheet_max)
+    total_s = time.time() - started
+    report = _report(objects, kept, dropped, clusters, workers, replaced, resumed, analysed_s, search_s, total_s)
     report["near_duplicate_candidates"] = candidates
     report["near_duplicate_pairs_verified"] = len(pairs)
-    CleanSet.save_index(tmp, kept, report, store.classes)
-    del scratch, small
-    (tmp / "scratch.npy").unlink()
-    (tmp / "small.npy").unlink()
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    print(_table(report), file=sys.stderr)
+    with _writing(f"{tmp}/kept.jsonl or report.json"):
+        CleanSet.save_index(tmp, kept, report, store.classes)
     return report
+
+
+def _write_images(path: Path, scratch: np.ndarray, slots: list[int]) -> None:
+    """``images.npy`` from the checkpoint's rows, written in blocks (no memory map: see the module docstring)."""
+    size = scratch.shape[1]
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False}
+    with _writing(path), open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {**header, "shape": (len(slots), size, size, 3)})
+        for start in range(0, len(slots), 1024):
+            f.write(np.ascontiguousarray(scratch[slots[start : start + 1024]]).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _sheets(
@@ -224,12 +433,12 @@ def _sheets(
     by_reason: dict[str, list[tuple[np.ndarray, str]]] = defaultdict(list)
     for o in dropped:
         if o["reason"] in DECODABLE_DROPS and len(by_reason[o["reason"]]) < limit:
-            by_reason[o["reason"]].append((scratch[o["i"]], o["class_name"]))
+            by_reason[o["reason"]].append((scratch[o["slot"]], o["class_name"]))
     for reason, items in by_reason.items():
         contact_sheet(grid(items), folder / f"dropped_{reason}.png", title=f"dropped: {reason}", outline_first=False)
     rows = []
     for members in sorted(clusters, key=len, reverse=True)[: max(1, limit // 8)]:
-        rows.append([(scratch[passed[m]["i"]], passed[m]["class_name"]) for m in members[:12]])
+        rows.append([(scratch[passed[m]["slot"]], passed[m]["class_name"]) for m in members[:12]])
     if rows:
         contact_sheet(rows, folder / "duplicates.png", title="largest near-duplicate clusters (survivor outlined)")
 
@@ -241,6 +450,7 @@ def _report(
     clusters: list[list[int]],
     workers: int,
     replaced: int,
+    resumed: int,
     analysed_s: float,
     search_s: float,
     total_s: float,
@@ -270,8 +480,9 @@ def _report(
         ],
         "workers": workers,
         "workers_replaced": replaced,
+        "resumed": resumed,  # objects whose analysis an interrupted run had already done
         "analysis_seconds": round(analysed_s, 2),
-        "images_per_second": round(len(objects) / max(analysed_s, 1e-9), 1),
+        "images_per_second": round((len(objects) - resumed) / max(analysed_s, 1e-9), 1),
         "dedup_search_seconds": round(search_s, 3),
         "seconds": round(total_s, 2),
     }
