@@ -3,7 +3,8 @@
 ``load_teacher(spec)`` accepts:
 
 - ``format: state_dict`` — a ``torch.save``d state dict (or the wrappers ``{"state_dict": ...}``,
-  ``{"model": ...}``, keys prefixed ``module.``), or a ``.safetensors`` file, plus ``arch`` from
+  ``{"model": ...}``, keys prefixed ``module.``), or a ``.safetensors`` file (parsed by the
+  safetensors library from bytes read into memory, never memory-mapped), plus ``arch`` from
   ``distill.models``: a registry name, or a torchvision name, whose checkpoints load with
   torchvision's own keys (``torchvision.models.resnet18(num_classes=10).state_dict()`` with
   ``arch: torchvision/resnet18``). Pickles are only ever read with ``torch.load(weights_only=True)``
@@ -22,7 +23,6 @@ non-finite outputs (a negative BatchNorm ``running_var``, say) on a small seeded
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import torch
 from torch import nn
 
@@ -107,40 +108,56 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 
+# what the safetensors library's messages mean for a user, by a phrase each contains
+_SAFETENSORS_HINTS = (
+    ("recursion limit", "its JSON header is nested too deeply"),
+    ("expected usize", "a negative or non-integer shape or offset"),
+    ("unknown variant", "an unknown dtype"),
+    ("overflow", "a tensor shape too large to address"),
+    ("invalid offset", "a tensor points outside the data or overlaps another"),
+    ("not fully covered", "a tensor points outside the file, or the file is truncated or has trailing bytes"),
+    ("header too large", "its header is over the 100 MB limit"),
+    ("invalid JSON", "its JSON header is malformed"),
+)
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Parse a .safetensors file (8-byte header length, JSON header, raw data) with every check."""
-    size = path.stat().st_size
+
+def read_safetensors(path: Path, max_bytes: int) -> dict[str, torch.Tensor]:
+    """Read a .safetensors file with the safetensors library, into plain CPU tensors (copies, not mmap).
+
+    The library validates the header (size, JSON depth, dtypes, shapes, offsets that tile the data
+    exactly); around it we cap the bytes read, name the file in every error and accept only dtypes
+    a classifier's weights come in.
+    """
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > min(size - 8, 100_000_000):
-            raise TeacherError(f"{path}: corrupt safetensors header (declares {n} header bytes in a {size}-byte file)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TeacherError(f"{path}: corrupt safetensors header ({e})") from None
-        data = f.read()
-    if not isinstance(header, dict):
-        raise TeacherError(f"{path}: corrupt safetensors header (not a mapping)")
+        data = f.read(max_bytes + 1)  # the file may have grown since its size was checked
+    if len(data) > max_bytes:
+        raise TeacherError(f"{path}: over the cap of {max_bytes} bytes (teacher.max_bytes)")
+    if len(data) < 8:
+        raise TeacherError(f"{path}: corrupt safetensors header (the file is {len(data)} bytes, truncated)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise TeacherError(f"{path}: corrupt safetensors header (declares {n} header bytes in a {len(data)}-byte file)")
+    try:
+        views = safetensors.deserialize(data)
+    except safetensors.SafetensorError as e:
+        detail = str(e).removeprefix("Error while deserializing: ")
+        what = "header" if "header" in detail else "file"
+        hint = next((f": {h}" for phrase, h in _SAFETENSORS_HINTS if phrase in detail), "")
+        raise TeacherError(f"{path}: corrupt safetensors {what}{hint} ({detail[:200]})") from None
+    del data
     out = {}
-    for key, meta in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype = SAFETENSORS_DTYPES[meta["dtype"]]
-            start, end = (int(v) for v in meta["data_offsets"])
-            shape = [int(s) for s in meta["shape"]]
-        except (KeyError, TypeError, ValueError):
-            raise TeacherError(f"{path}: corrupt safetensors entry {key!r}") from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        if not 0 <= start <= end <= len(data) or end - start != numel * torch.empty(0, dtype=dtype).element_size():
-            raise TeacherError(f"{path}: safetensors entry {key!r} points outside the file")
+    for key, view in views:
+        dtype = SAFETENSORS_DTYPES.get(view["dtype"])
+        if dtype is None:
+            raise TeacherError(
+                f"{path}: safetensors entry {key!r} has dtype {view['dtype']}, which a teacher cannot use "
+                f"(supported: {', '.join(SAFETENSORS_DTYPES)})"
+            )
+        raw = view["data"]  # a bytearray of its own: the tensor owns its memory
         out[key] = (
-            torch.frombuffer(bytearray(data[start:end]), dtype=dtype).reshape(shape)
-            if numel
-            else torch.empty(shape, dtype=dtype)
+            torch.frombuffer(raw, dtype=dtype).reshape(view["shape"])
+            if raw
+            else torch.empty(view["shape"], dtype=dtype)
         )
     return out
 
@@ -213,7 +230,7 @@ def load_state_dict(spec: TeacherSpec) -> dict[str, torch.Tensor]:
             "Set teacher.format: torchscript only if it comes from a trusted source (it runs code)."
         )
     if kind == "safetensors":
-        tensors = read_safetensors(path)
+        tensors = read_safetensors(path, spec.max_bytes)
     elif kind in ("torch_zip", "legacy_pickle"):
         with IsolatedPool(_probe, 1, spec.load_timeout_s, spec.memory_limit_mb << 20) as pool:
             ((_, status, value),) = list(pool.imap_unordered([(0, (str(path),))]))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import warnings
 from pathlib import Path
@@ -190,6 +191,59 @@ def test_safetensors_good_and_corrupt(tmp_path: Path, weights: dict[str, torch.T
     garbled.write_bytes(bytes(data))
     with pytest.raises(TeacherError, match="corrupt safetensors"):
         load(garbled)
+
+
+def raw_safetensors(path: Path, header: bytes, data: bytes = b"", header_len: int | None = None) -> Path:
+    """A .safetensors file with a hand-made header, for the hostile cases no writer produces."""
+    path.write_bytes(struct.pack("<Q", len(header) if header_len is None else header_len) + header + data)
+    return path
+
+
+def test_safetensors_negative_shape_names_the_file(tmp_path: Path) -> None:
+    entry = {"conv1.weight": {"dtype": "F32", "shape": [-2, -2], "data_offsets": [0, 16]}}
+    p = raw_safetensors(tmp_path / "neg.safetensors", json.dumps(entry).encode(), bytes(16))
+    with pytest.raises(TeacherError, match=f"^{re.escape(str(p))}: corrupt safetensors header: a negative"):
+        load(p)
+
+
+def test_safetensors_header_nested_10000_deep_names_the_file(tmp_path: Path) -> None:
+    p = raw_safetensors(tmp_path / "deep.safetensors", b'{"a":' * 10_000 + b"1" + b"}" * 10_000)
+    with pytest.raises(TeacherError, match=f"^{re.escape(str(p))}: corrupt safetensors header: .*nested too deeply"):
+        load(p)
+
+
+def test_safetensors_header_claiming_2_62_bytes_names_the_file(tmp_path: Path) -> None:
+    entry = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    p = raw_safetensors(tmp_path / "claims.safetensors", json.dumps(entry).encode(), bytes(4), header_len=2**62)
+    with pytest.raises(TeacherError, match=f"^{re.escape(str(p))}: corrupt safetensors header .*{2**62} header bytes"):
+        load(p)
+
+
+def test_safetensors_unusable_dtype_or_entry_outside_the_file_names_the_file(tmp_path: Path) -> None:
+    fp8 = {"conv1.weight": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}}
+    p = raw_safetensors(tmp_path / "fp8.safetensors", json.dumps(fp8).encode(), bytes(4))
+    with pytest.raises(TeacherError, match=f"^{re.escape(str(p))}: .*'conv1.weight' has dtype F8_E4M3"):
+        load(p)
+    outside = {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
+    p = raw_safetensors(tmp_path / "outside.safetensors", json.dumps(outside).encode(), bytes(4))
+    with pytest.raises(TeacherError, match=f"^{re.escape(str(p))}: corrupt safetensors file: a tensor points outside"):
+        load(p)
+
+
+def test_torchvision_resnet18_saved_by_safetensors_loads_into_its_own_memory(tmp_path: Path) -> None:
+    import torchvision
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    weights = torchvision.models.resnet18(num_classes=10).state_dict()
+    p = tmp_path / "resnet18.safetensors"
+    save_file(weights, str(p))
+    loaded = load(p, arch="torchvision/resnet18").model.state_dict()
+    p.write_bytes(b"")  # a memory-mapped tensor would now fault (SIGBUS) when read
+    assert loaded.keys() == weights.keys()
+    for key, value in weights.items():
+        got = loaded[key]
+        assert got.device.type == "cpu" and got.dtype == value.dtype and torch.equal(got, value), key
 
 
 @pytest.mark.slow
