@@ -14,10 +14,15 @@ the validation split (Fashion-MNIST test[0:2000]); the table reports the rest (t
   query's prior (ours), to show how much of the default's gain that signal alone brings.
 - ``KD³ −X``: the faithful KD³ with one component off.
 
-Needs the demo's clean, label and teacher outputs (``make demo`` or ``dvc repro label``).
+Needs the demo's clean, label and teacher outputs (``make demo`` or ``dvc repro label``) and
+Debian's ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``); nothing leaves the machine.
 
     python benchmarks/accuracy.py --quick            # 2 cores, within 45 minutes
     python benchmarks/accuracy.py --epochs 60 --seeds 0 1 2 3 4    # a GPU
+    python benchmarks/accuracy.py --quick --epochs 1 --seeds 0 --variants "KD (web)"   # a quick check
+
+The table goes to ``benchmarks/results/accuracy.md``; a run of some rows only (``--variants``) goes
+to ``benchmarks/out/accuracy.md`` (``--out`` to change either).
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _report import default_out, report, require  # noqa: E402
 
 from crawl.world import load_fashion_mnist  # noqa: E402
 from distill.data import fashion_mnist_rgb32, resolve_device  # noqa: E402
@@ -143,7 +150,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=None, help="substrings of row names to run (default: all)")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=JSON", help="extra overrides for every web row")
     ap.add_argument("--work", default="benchmarks/out/accuracy")
-    ap.add_argument("--out", default="benchmarks/results/accuracy.md")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/accuracy.md")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (each with cores/jobs threads)")
     args = ap.parse_args()
@@ -160,10 +167,19 @@ def main() -> None:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = json.loads(value)
+    teacher_dir = base.get("teacher_dir", "data/teacher")
+    require(Path(teacher_dir) / TeacherRecord.FILE, "the demo teacher's record")
+    require(Path(base.get("clean_dir", "data/clean")) / "images.npy", "the clean stage's images")
+    require(Path(base.get("label_dir", "data/label")) / "logits.npy", "the label stage's teacher logits")
+    require(
+        base["eval"].get("fashion_mnist") or "distill.eval.fashion_mnist (unset)",
+        "Fashion-MNIST, the evaluation set",
+        "install Debian's dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`)",
+    )
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
-    record = TeacherRecord.load(base.get("teacher_dir", "data/teacher"))
+    record = TeacherRecord.load(teacher_dir)
     teacher = record.load_teacher()
     size, chans = record.input_size, record.in_chans
     raw, labels = load_fashion_mnist(base["eval"]["fashion_mnist"], "test")
@@ -236,10 +252,8 @@ def main() -> None:
         + (f" ({reused} of {len(tasks)} runs reused from an earlier call)." if reused else ".")
     )
     text = "\n".join(lines) + "\n\n" + "\n".join(summary) + ("\n\n" if summary else "\n") + settings + "\n"
-    print(text)
-    if not args.variants:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    out = args.out or default_out(__file__, keep=not args.variants)
+    report(out, "Student accuracy on the demo world", text, str(device))
 
 
 if __name__ == "__main__":

@@ -10,17 +10,23 @@
    threshold; imagededup is skipped where its measured O(n^2) scaling predicts more than 10
    minutes. Where both ran, the pair sets are compared (recall of each against the other).
 
-Needs ``pip install -e '.[bench]'`` (imagededup). Run from the repository root after ``dvc repro clean``:
+Needs the demo's crawl store (``data/crawl``; ``data/clean`` adds its real pHashes to the search),
+so run ``make demo`` first, and imagededup for the comparison column (``pip install -e '.[bench]'``;
+without it only our side runs). Only imagededup's hashing module is used, which downloads nothing
+(its CNN module fetches MobileNet weights only when a ``CNN`` is built). Run from the repository root:
 
-    .venv/bin/python benchmarks/clean_speed.py
+    .venv/bin/python benchmarks/clean_speed.py                              # about 3 minutes on 2 cores
+    .venv/bin/python benchmarks/clean_speed.py --images 300 --sizes 10000   # a quick check
+
+The table goes to ``benchmarks/results/clean_speed.md`` (``--out`` to change).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -32,11 +38,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _report import default_out, report, require  # noqa: E402
+
 from crawl.dedup import hex_to_array, near_pairs  # noqa: E402
 from crawl.images import AnalyzeParams, analyze_file  # noqa: E402
 from crawl.isolate import IsolatedPool, default_workers  # noqa: E402
 
 LIMIT_S = 600.0
+INSTALL = "pip install -e '.[bench]'"
 
 
 def ours_hash(files: list[Path]) -> tuple[float, dict[str, str]]:
@@ -51,7 +60,7 @@ def ours_hash(files: list[Path]) -> tuple[float, dict[str, str]]:
 
 
 def imagededup_hash(folder: Path) -> tuple[float, dict[str, str]]:
-    from imagededup.methods import PHash
+    from imagededup.methods.hashing import PHash
 
     hasher = PHash(verbose=False)
     t0 = time.perf_counter()
@@ -75,7 +84,7 @@ def web_size_copy(files: list[Path], folder: Path, side: int = 640) -> list[Path
     return out
 
 
-def hashing_table(crawl_dir: Path, limit: int) -> list[str]:
+def hashing_table(crawl_dir: Path, limit: int, compare: bool) -> list[str]:
     src = sorted(p for p in (crawl_dir / "objects").rglob("*") if p.is_file())[:limit]
     lines = ["| images | n | imagededup PHash img/s | ours img/s | ratio |", "|---|---:|---:|---:|---:|"]
     with tempfile.TemporaryDirectory(prefix="kd3-hash-") as tmp:
@@ -91,9 +100,13 @@ def hashing_table(crawl_dir: Path, limit: int) -> list[str]:
             ("demo crawl (32-160 px)", small_dir, small),
             ("web-size JPEG (640 px)", web_dir, web),
         ):
-            t_idd, enc_idd = imagededup_hash(folder)
             t_ours, enc_ours = ours_hash(files)
-            r_idd, r_ours = len(enc_idd) / t_idd, len(enc_ours) / t_ours
+            r_ours = len(enc_ours) / t_ours
+            if not compare:
+                lines.append(f"| {name} | {len(files)} | skipped | {r_ours:.0f} | – |")
+                continue
+            t_idd, enc_idd = imagededup_hash(folder)
+            r_idd = len(enc_idd) / t_idd
             lines.append(f"| {name} | {len(files)} | {r_idd:.0f} | {r_ours:.0f} | {r_ours / r_idd:.2f}x |")
     return lines
 
@@ -114,7 +127,7 @@ def make_hashes(n: int, real: list[str], rng: np.random.Generator, threshold: in
 
 
 def imagededup_pairs(hashes: np.ndarray, threshold: int) -> tuple[float, set[tuple[int, int]]]:
-    from imagededup.methods import PHash
+    from imagededup.methods.hashing import PHash
 
     enc = {str(i): f"{int(v):016x}" for i, v in enumerate(hashes[:, 0])}
     t0 = time.perf_counter()
@@ -124,7 +137,7 @@ def imagededup_pairs(hashes: np.ndarray, threshold: int) -> tuple[float, set[tup
     return elapsed, pairs
 
 
-def search_table(real: list[str], sizes: list[int], threshold: int) -> list[str]:
+def search_table(real: list[str], sizes: list[int], threshold: int, compare: bool) -> list[str]:
     rng = np.random.default_rng(0)
     lines = [
         "| hashes | imagededup find_duplicates s | ours near_pairs s | speed-up | pairs (ours) | agreement |",
@@ -138,6 +151,9 @@ def search_table(real: list[str], sizes: list[int], threshold: int) -> list[str]
         t_ours = time.perf_counter() - t0
         ours_set = {(int(a), int(b)) for a, b, _ in ours.tolist()}
         predicted = None if last is None else last[1] * (n / last[0]) ** 2
+        if not compare:
+            lines.append(f"| {n:,} | skipped | {t_ours:.2f} | – | {len(ours_set)} | – |")
+            continue
         if predicted is not None and predicted > LIMIT_S:
             lines.append(
                 f"| {n:,} | skipped (predicted {predicted / 60:.0f} min) | {t_ours:.2f} | – | {len(ours_set)} | – |"
@@ -152,23 +168,35 @@ def search_table(real: list[str], sizes: list[int], threshold: int) -> list[str]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--crawl", type=Path, default=Path("data/crawl"))
+    ap.add_argument("--clean", type=Path, default=Path("data/clean"), help="its real pHashes seed the search")
     ap.add_argument("--images", type=int, default=3000, help="images for the hashing comparison")
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--threshold", type=int, default=6)
+    ap.add_argument("--out", type=Path, default=default_out(__file__))
     args = ap.parse_args()
     logging.disable(logging.WARNING)  # imagededup logs every call
-    if not (args.crawl / "objects").is_dir():
-        sys.exit(f"{args.crawl}: no crawl store; run `dvc repro crawl` first")
-    print(f"machine: {os.cpu_count()} cores; workers: {default_workers()}\n")
-    print("Hashing throughput (decode + pHash), same files, every core:\n")
-    print("\n".join(hashing_table(args.crawl, args.images)))
-    kept = Path("data/clean/kept.jsonl")
+    require(args.crawl / "objects", "the demo's crawl store")
+    compare = importlib.util.find_spec("imagededup") is not None
+    if not compare:
+        print(f"imagededup is not installed: its column is skipped (install it with `{INSTALL}`)", file=sys.stderr)
+    kept = args.clean / "kept.jsonl"
     real = [json.loads(x)["phash"] for x in kept.read_text().splitlines()] if kept.is_file() else []
-    print(f"\nNear-duplicate search, Hamming distance <= {args.threshold} ({len(real)} real pHashes + random):\n")
-    print("\n".join(search_table(real, [int(s) for s in args.sizes.split(",")], args.threshold)))
-    print("\nagreement: share of imagededup's pairs that ours found / share of ours that imagededup found")
+    body = [
+        f"Workers: {default_workers()}." + ("" if compare else f" imagededup not installed (`{INSTALL}`)."),
+        "",
+        "Hashing throughput (decode + pHash), same files, every core:",
+        "",
+        *hashing_table(args.crawl, args.images, compare),
+        "",
+        f"Near-duplicate search, Hamming distance <= {args.threshold} ({len(real)} real pHashes + random):",
+        "",
+        *search_table(real, [int(s) for s in args.sizes.split(",")], args.threshold, compare),
+        "",
+        "agreement: share of imagededup's pairs that ours found / share of ours that imagededup found",
+    ]
+    report(args.out, "Clean speed: kd3 against imagededup", "\n".join(body), "cpu")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,14 @@ trips), then downloads the same URL list with
   per-host limits off, as in the demo);
 - icrawler 0.6.10: ``UrlListCrawler`` with the same number of downloader threads;
 
-and prints downloads/s for each and the ratio. Run from the repository root:
+and prints downloads/s for each and the ratio. Needs the demo world (``data/world``: ``make demo``,
+or ``kd3 world`` alone, which needs Debian's ``dataset-fashion-mnist``); nothing leaves the
+machine. Run from the repository root:
 
-    .venv/bin/python benchmarks/crawl_speed.py                  # demo world (kd3 world first)
+    .venv/bin/python benchmarks/crawl_speed.py --repeats 3      # about a minute on 2 cores
     .venv/bin/python benchmarks/crawl_speed.py --latency 0.05 --threads 16
+
+The table goes to ``benchmarks/results/crawl_speed.md`` (``--out`` to change).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _report import default_out, report, require  # noqa: E402
 
 from crawl.classes import parse_classes  # noqa: E402
 from crawl.crawler import Crawler  # noqa: E402
@@ -76,15 +82,15 @@ def run_icrawler(urls: list[str], threads: int, work: Path) -> tuple[float, int]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", type=Path, default=Path("data/world"))
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--latency", type=float, default=0.02, help="added seconds per image response")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=default_out(__file__))
     args = ap.parse_args()
-    if not (args.world / "index.json").is_file():
-        sys.exit(f"{args.world}: no world; run `kd3 world` first")
+    require(args.world / "index.json", "the demo world", "run `make demo` (or `kd3 world`) first")
 
     rows = []
     with MirrorServer(args.world, delay_s=args.latency) as server:
@@ -101,11 +107,18 @@ def main() -> None:
             rows.append((name, got, best, got / best))
 
     latency_ms = args.latency * 1000
-    print(f"\n{len(urls)} URLs, {args.threads} threads, {latency_ms:.0f} ms added latency, best of {args.repeats}")
-    print("| downloader | images stored | seconds | images/s | vs icrawler |\n|---|---:|---:|---:|---:|")
+    lines = [
+        f"{len(urls)} URLs from the loopback mirror, {args.threads} threads, {latency_ms:.0f} ms added latency "
+        f"per image, best of {args.repeats}:",
+        "",
+        "| downloader | images stored | seconds | images/s | vs icrawler |",
+        "|---|---:|---:|---:|---:|",
+    ]
     base = rows[1][3]
     for name, got, seconds, rate in rows:
-        print(f"| {name} | {got} | {seconds:.2f} | {rate:.1f} | {rate / base:.2f}x |")
+        ratio = f"{rate / base:.2f}x" if base else "–"
+        lines.append(f"| {name} | {got} | {seconds:.2f} | {rate:.1f} | {ratio} |")
+    report(args.out, "Crawl speed: kd3 against icrawler", "\n".join(lines), "cpu")
 
 
 if __name__ == "__main__":

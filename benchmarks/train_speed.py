@@ -8,10 +8,15 @@ uint8 pool on the device, batched crop/flip, bf16 + channels-last on CUDA, selec
 view with the label stage's cached teacher logits.
 
 Two rows per pair: the training steps alone (identical work: the same KD³ loss, three forward
-passes per step), and whole epochs including the selection pass.
+passes per step), and whole epochs including the selection pass. Needs no data (random images
+and weights) and nothing beyond the package's own dependencies.
 
-    python benchmarks/train_speed.py                     # CPU: the demo pair
+    python benchmarks/train_speed.py                     # CPU: the demo pair, about a minute on 2 cores
     python benchmarks/train_speed.py --device cuda --pairs cifar imagenet   # GPU (benchmarks/gpu_check.sh)
+    python benchmarks/train_speed.py --dry               # toy sizes: checks that it runs
+
+The table goes to ``benchmarks/results/train_speed.md`` (``--dry``: ``benchmarks/out/train_speed.md``;
+``--out`` to change).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _report import default_out, report  # noqa: E402
 
 from distill.data import ImagePool, resolve_device  # noqa: E402
 from distill.kd3 import KD3Method  # noqa: E402
@@ -217,11 +224,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="reference DataLoader workers")
     ap.add_argument("--compile", action="store_true", help="also time ours with torch.compile")
     ap.add_argument("--dry", action="store_true", help="tiny sizes: check that everything runs (no figures)")
+    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/train_speed.md")
     args = ap.parse_args()
+    out = args.out or default_out(__file__, keep=not args.dry)
     device = resolve_device(args.device)
     if args.dry:
         args.steps, args.pool, args.batch = 2, 256, 32
     rows: list[tuple[Any, ...]] = []
+    notes: list[str] = []
     for pair in args.pairs:
         batch = args.batch if pair != "imagenet" else min(args.batch, 64)
         ref = reference(pair, device, args.pool, batch, args.steps, args.workers)
@@ -243,16 +253,23 @@ def main() -> None:
             )
         busy = busy_fraction(pair, device, args.pool, batch, args.steps)
         if busy is not None:
-            print(f"{pair}: GPU busy {100 * busy:.0f}% of step time (ours)")
+            notes.append(f"{pair}: GPU busy {100 * busy:.0f}% of step time (ours).")
     t_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(
-        f"\nKD³ training throughput, images/s ({t_name}; batch {args.batch}, {args.steps} timed steps, "
-        f"pool {args.pool}, reference with {args.workers} DataLoader workers)\n"
-    )
-    print("| pair | trainer | reference steps | ours steps | ratio | reference epoch | ours epoch | ratio |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    lines = [
+        f"KD³ training throughput, images/s ({t_name}; batch {args.batch}, {args.steps} timed steps, "
+        f"pool {args.pool}, reference with {args.workers} DataLoader workers"
+        + ("; --dry: toy sizes, not a measurement)" if args.dry else ")"),
+        "",
+        "| pair | trainer | reference steps | ours steps | ratio | reference epoch | ours epoch | ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:.0f} | {r[3]:.0f} | {r[4]:.2f}x | {r[5]:.0f} | {r[6]:.0f} | {r[7]:.2f}x |")
+        lines.append(
+            f"| {r[0]} | {r[1]} | {r[2]:.0f} | {r[3]:.0f} | {r[4]:.2f}x | {r[5]:.0f} | {r[6]:.0f} | {r[7]:.2f}x |"
+        )
+    if notes:
+        lines += ["", *notes]
+    report(out, "Training speed: kd3's trainer against a reference loop", "\n".join(lines), f"{device} ({t_name})")
 
 
 if __name__ == "__main__":
