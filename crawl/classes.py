@@ -3,12 +3,14 @@
 Rules: a UTF-8 BOM, CRLF line ends, surrounding whitespace and blank
 lines are normalised away; lines whose first non-blank character is ``#`` are comments; an empty
 list, duplicates after normalisation (NFKC, case, inner whitespace) and non-UTF-8 bytes are errors
-naming the file and line. Any other character is accepted (``/``, ``..``, ``&``, emoji, 300
-characters): the name is kept verbatim in metadata and is never used raw as a path; ``slug`` is.
+naming the file and line (a UTF-16 or UTF-32 file is named as such). Any other character is
+accepted (``/``, ``..``, ``&``, emoji, 300 characters): the name is kept verbatim in metadata and
+is never used raw as a path; ``slug`` is.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import re
 import unicodedata
@@ -70,6 +72,37 @@ def parse_classes(text: str, source: str = "<classes>") -> list[ClassName]:
     return [ClassName(i, name, slugify(name)) for i, (name, _) in enumerate(names)]
 
 
+_WIDE_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),  # before UTF-16 LE, whose BOM it starts with
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+
+def decode_text(data: bytes, path: Path) -> str:
+    """UTF-8 text of a file the user wrote, without a BOM; errors give ``path:line`` and the byte.
+
+    A text editor's "Unicode" is often UTF-16, whose ASCII is valid UTF-8 with a NUL after every
+    letter: such a file is refused by name rather than read as names full of NULs.
+    """
+    for bom, codec in _WIDE_BOMS:
+        if data.startswith(bom):
+            raise ClassFileError(
+                f"{path}: the file is {codec} (it starts with a {codec} byte-order mark); save it as UTF-8"
+            )
+    if len(data) >= 4 and max(data[0::2].count(0), data[1::2].count(0)) > len(data) // 4:
+        raise ClassFileError(f"{path}: the file looks like UTF-16 (every other byte is zero); save it as UTF-8")
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        # numbered as the parsers number lines (str.splitlines), the BOM included in the offset
+        line = len((data[: e.start].decode("utf-8") + "x").splitlines())
+        raise ClassFileError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); save the file as UTF-8"
+        ) from None
+
+
 def read_classes(path: str | Path) -> list[ClassName]:
     """Read and parse a class file; errors name the path (and the line for bad UTF-8)."""
     p = Path(path)
@@ -77,13 +110,7 @@ def read_classes(path: str | Path) -> list[ClassName]:
         raise ClassFileError(f"{p}: class file not found")
     if p.stat().st_size > MAX_CLASS_FILE_BYTES:
         raise ClassFileError(f"{p}: class file larger than {MAX_CLASS_FILE_BYTES} bytes")
-    data = p.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise ClassFileError(f"{p}: line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x})") from None
-    return parse_classes(text, str(p))
+    return parse_classes(decode_text(p.read_bytes(), p), str(p))
 
 
 def read_synonyms(path: str | Path, classes: list[ClassName]) -> dict[str, list[str]]:
@@ -93,7 +120,7 @@ def read_synonyms(path: str | Path, classes: list[ClassName]) -> dict[str, list[
         raise ClassFileError(f"{p}: synonyms file not found")
     by_key = {normalise(c.name): c.name for c in classes}
     out: dict[str, list[str]] = {c.name: [] for c in classes}
-    for lineno, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for lineno, line in enumerate(decode_text(p.read_bytes(), p).splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         parts = line.split("\t")
