@@ -15,8 +15,8 @@ and weights) and nothing beyond the package's own dependencies.
     python benchmarks/train_speed.py --device cuda --pairs cifar imagenet   # GPU (benchmarks/gpu_check.sh)
     python benchmarks/train_speed.py --dry               # toy sizes: checks that it runs
 
-The table goes to ``benchmarks/results/train_speed.md`` (``--dry``: ``benchmarks/out/train_speed.md``;
-``--out`` to change).
+The table goes to ``benchmarks/results/train_speed.md`` (on CUDA ``train_speed-cuda.md``; with
+``--dry`` under ``benchmarks/out/``; ``--out`` to change).
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _report import default_out, report  # noqa: E402
 
 from distill.data import ImagePool, resolve_device  # noqa: E402
-from distill.kd3 import KD3Method  # noqa: E402
+from distill.methods.kd3 import KD3Method, KD3Options  # noqa: E402
 from distill.models import build_model  # noqa: E402
+from distill.settings import Augment, Runtime, Schedule  # noqa: E402
 from distill.teacher import Teacher  # noqa: E402
-from distill.trainer import Augment, Runtime, Schedule, Trainer  # noqa: E402
+from distill.trainer import Trainer  # noqa: E402
 
 PAIRS = {  # name: (teacher, student, input side, stored side)
     "demo": ("resnet8", "resnet8", 32, 48),
@@ -74,7 +75,7 @@ def build(pair: str, device: torch.device, n: int, seed: int = 0) -> tuple[KD3Me
     t_arch, s_arch, size, stored = PAIRS[pair]
     torch.manual_seed(seed)
     teacher = Teacher(build_model(t_arch, 10), MEAN, STD)
-    method = KD3Method(teacher, build_model(s_arch, 10), input_size=size, selection=True)
+    method = KD3Method(teacher, build_model(s_arch, 10), KD3Options(selection=True), input_size=size)
     images = np.random.default_rng(seed).integers(0, 256, (n, stored, stored, 3), dtype=np.uint8)
     return method.to(device), images
 
@@ -226,8 +227,8 @@ def main() -> None:
     ap.add_argument("--dry", action="store_true", help="tiny sizes: check that everything runs (no figures)")
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/train_speed.md")
     args = ap.parse_args()
-    out = args.out or default_out(__file__, keep=not args.dry)
     device = resolve_device(args.device)
+    out = args.out or default_out(__file__, keep=not args.dry, device=device.type)
     if args.dry:
         args.steps, args.pool, args.batch = 2, 256, 32
     rows: list[tuple[Any, ...]] = []

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -34,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from distill.data import ImagePool, random_grayscale, random_resized_crop, to_float, uint8_to_float
+from distill.settings import Augment, Runtime, Schedule
 from kd3util import atomic_path, progress_bar
 
 log = logging.getLogger(__name__)
@@ -51,47 +50,6 @@ class NonFiniteLoss(RuntimeError):
     """A non-finite loss or gradient under ``nan_policy: abort`` (no step was taken with it)."""
 
 
-@dataclass(frozen=True)
-class Schedule:
-    epochs: int
-    batch_size: int
-    lr: float
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    lr_schedule: str = "step"  # step: ×gamma at each milestone (fractions of epochs); cosine
-    milestones: tuple[float, ...] = (0.625, 0.75, 0.875)  # the reference 150/180/210 of 240
-    gamma: float = 0.1
-    warmup_epochs: int = 0
-
-    def lr_factor(self, epoch: int) -> float:
-        if epoch < self.warmup_epochs:
-            return (epoch + 1) / (self.warmup_epochs + 1)
-        if self.lr_schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
-        return self.gamma ** sum(epoch >= round(m * self.epochs) for m in self.milestones)
-
-
-@dataclass(frozen=True)
-class Augment:
-    size: int  # the teacher's input side
-    scale: tuple[float, float] = (0.35, 1.0)  # RandomResizedCrop area fraction
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # ... and aspect ratio
-    flip: bool = True
-    grayscale: float = 0.0  # probability of replacing an image by its luma
-
-
-@dataclass(frozen=True)
-class Runtime:
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    amp: bool = True  # bf16 autocast (CUDA only)
-    channels_last: bool = True  # NHWC model and batches
-    compile: bool = False  # torch.compile the method's forward
-    nan_policy: str = "abort"  # abort | skip
-    max_skipped: int = 10  # consecutive non-finite steps before even "skip" aborts
-    eval_batch_size: int = 512
-
-
 class Method(nn.Module):
     """What the trainer needs from KD³, KD and DFND.
 
@@ -101,7 +59,9 @@ class Method(nn.Module):
     returns the boolean mask of pool rows to train on this epoch (and the pseudo-classes, for reports).
     """
 
-    name = "method"
+    name = "method"  # set by distill.methods.register_method, with Options
+    Options: type = object
+    selection_view = "clean"  # the view select() scores: "clean" (cached teacher logits) or "augmented"
     teacher: nn.Module
     student: nn.Module
 
@@ -152,14 +112,13 @@ class Trainer:
         train_rows: np.ndarray | None = None,
         checkpoint: Path | None = None,
         fingerprint: str = "",
-        selection_view: str = "clean",
         evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
         truth: np.ndarray | None = None,
         queries: np.ndarray | None = None,
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.method, self.pool, self.schedule, self.augment, self.rt = method, pool, schedule, augment, runtime
-        self.device = runtime.device
+        self.device = torch.device(runtime.device)
         self.rank, self.world = _rank_world()
         if schedule.batch_size % self.world:
             raise ValueError(f"batch_size {schedule.batch_size} is not divisible by {self.world} processes")
@@ -170,7 +129,7 @@ class Trainer:
         q = np.full(len(pool), -1) if queries is None else queries
         self.queries = torch.as_tensor(q.astype(np.int64))  # by pool row
         self.seed, self.checkpoint, self.fingerprint = seed, checkpoint, fingerprint
-        self.selection_view, self.evaluate, self.on_epoch = selection_view, evaluate, on_epoch
+        self.evaluate, self.on_epoch = evaluate, on_epoch
         torch.manual_seed(seed)
         method.to(self.device)
         if runtime.channels_last:  # NHWC: faster convolutions on CUDA and on CPU (oneDNN) alike
@@ -271,7 +230,7 @@ class Trainer:
     def _view(self, u8: torch.Tensor, augmented: bool) -> torch.Tensor:
         if augmented:
             a = self.augment
-            x = random_resized_crop(uint8_to_float(u8), a.size, a.scale, self.aug_gen, a.flip, a.ratio)
+            x = random_resized_crop(uint8_to_float(u8), a.size, a.crop_scale, self.aug_gen, a.flip, a.crop_ratio)
             x = random_grayscale(x, a.grayscale, self.aug_gen)
         else:
             x = to_float(u8, self.augment.size, self.device)
@@ -309,7 +268,7 @@ class Trainer:
         """Choose this epoch's rows and shuffle them (same order on every rank)."""
         t0 = time.time()
         m, e, epochs = self.method, self.epoch, self.schedule.epochs
-        augmented = self.selection_view == "augmented"
+        augmented = self.method.selection_view == "augmented"
         teacher_logits = self.pool_logits(m.teacher, False, True) if augmented else self.teacher_logits
         student_logits = None
         if m.needs_student_logits(e):

@@ -1,4 +1,5 @@
-"""Small utilities every package shares: atomic writes, file hashing and plain-text tables.
+"""Small utilities every package shares: atomic writes, file hashing, plain-text tables, interrupts
+and the ``knob`` fields that give each setting its one default and range.
 
 Dependency-free (standard library only), so ``crawl/`` (no torch), ``distill/`` (no DVC) and
 ``pipeline/`` can all import it. Every writer here follows one rule: the bytes go to a temporary
@@ -9,6 +10,8 @@ never leaves a half-written file under a final name.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,13 +20,18 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 __all__ = [
     "Terminated",
     "atomic_path",
     "format_table",
+    "knob",
+    "pick",
     "progress_bar",
+    "same_as",
     "sha256_file",
     "sigterm_as_interrupt",
     "write_bytes",
@@ -128,3 +136,42 @@ def progress_bar(total: int | None, desc: str, unit: str = "it", enabled: bool =
         leave=False,
         dynamic_ncols=True,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# knobs: each setting's default and range, written once
+# --------------------------------------------------------------------------------------------
+
+
+def knob(default: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Any:
+    """A dataclass field with its default and allowed range (inclusive unless ``lo_open``).
+
+    The library dataclass that uses a setting declares it once with ``knob``; ``pipeline.config``
+    nests that dataclass, or copies the field with ``same_as``, and validates params against the
+    range, so no default or range is written twice.
+    """
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open}
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def same_as(cls: type, name: str) -> Any:
+    """A field declared exactly like ``cls``'s field ``name``: the same default and range."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in fields:
+        raise AttributeError(f"{cls.__name__} has no field {name!r}")
+    f = fields[name]
+    if f.default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=f.default_factory, metadata=f.metadata)
+    return dataclasses.field(default=f.default, metadata=f.metadata)
+
+
+def pick(cls: type[T], source: Any, **given: Any) -> T:
+    """``cls`` built from ``source``'s attributes of the same names, plus ``given``.
+
+    The adapter from a params section to a library dataclass that the section copies fields from
+    with ``same_as``: the names agree by construction, so nothing is copied by hand.
+    """
+    names = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in given]  # type: ignore[arg-type]
+    return cls(**{n: getattr(source, n) for n in names if hasattr(source, n)}, **given)

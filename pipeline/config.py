@@ -10,6 +10,7 @@ Only ``pipeline/`` imports this module.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,10 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
+
+from crawl.world import RenderParams, WorldMix
+from distill.settings import Augment, Runtime, Schedule
+from kd3util import knob, same_as
 
 MAX_PARAMS_BYTES = 1_000_000  # a params file larger than this is refused before parsing
 
@@ -27,55 +32,9 @@ class ConfigError(ValueError):
     """A params file or CLI override that cannot be used; the message names file and key."""
 
 
-def rng(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict[str, Any]:
-    """Field metadata for an allowed numeric range (inclusive unless ``lo_open``)."""
-    return {"lo": lo, "hi": hi, "lo_open": lo_open}
-
-
-def opt(default: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Any:
-    """A field with a default and an allowed range."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=rng(lo, hi, lo_open=lo_open))
-    return field(default=default, metadata=rng(lo, hi, lo_open=lo_open))
-
-
 # --------------------------------------------------------------------------------------------
 # world: the offline demo web corpus
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WorldMix:
-    """Fractions of each class's result list; they must sum to 1."""
-
-    correct: float = opt(0.72, 0, 1)  # photos of the queried class
-    wrong: float = opt(0.10, 0, 1)  # photos of another class (search noise)
-    junk: float = opt(0.10, 0, 1)  # off-topic shapes, text, textures
-    near_dup: float = opt(0.05, 0, 1)  # re-uploads of an earlier result (resized, re-encoded, cropped)
-    broken: float = opt(0.03, 0, 1)  # 404s, HTML served as an image, truncated files
-
-
-@dataclass(frozen=True)
-class WorldRender:
-    """How a 28x28 grey Fashion-MNIST item becomes a web-style photo."""
-
-    min_size: int = opt(32, 8, 1024)  # shorter output side, pixels
-    max_size: int = opt(160, 8, 2048)  # longer output side, pixels
-    nonsquare_prob: float = opt(0.35, 0, 1)  # share of images with aspect ratio != 1
-    max_aspect: float = opt(1.6, 1, 4)  # largest width/height (or height/width) ratio
-    tint_prob: float = opt(0.4, 0, 1)  # share of objects given a colour
-    light_bg_prob: float = opt(0.05, 0, 1)  # light product-shot background
-    dark_bg_prob: float = opt(0.85, 0, 1)  # dark studio backdrop; the rest get a mid-level colour
-    bg_min_level: int = opt(1, 0, 255)  # darkest background channel level (0 = allow pure black)
-    dark_bg_max: int = opt(4, 0, 255)  # brightest channel level of a dark backdrop
-    object_scale: list[float] = opt([0.55, 1.0])  # object size relative to the canvas
-    max_shift: float = opt(0.15, 0, 0.5)  # position jitter, fraction of the canvas
-    max_rotation_deg: float = opt(10.0, 0, 180)
-    blur_prob: float = opt(0.15, 0, 1)
-    max_blur: float = opt(1.5, 0, 10)  # Gaussian radius at 28 px scale
-    noise_std: float = opt(2.0, 0, 64)  # additive Gaussian noise, grey levels (std drawn up to this)
-    formats: dict[str, float] = opt({"JPEG": 0.6, "PNG": 0.25, "WEBP": 0.15})
-    jpeg_quality: list[int] = opt([45, 95])
 
 
 @dataclass(frozen=True)
@@ -85,13 +44,13 @@ class WorldConfig:
     source: str = "/usr/share/datasets/fashion-mnist"  # folder with the *-idx*-ubyte(.gz) files
     classes: str = "classes.txt"  # class names in Fashion-MNIST label order
     out_dir: str = "data/world"
-    seed: int = opt(0, 0)
-    first: int = opt(30000, 0, 60000)  # raw web material: train[first:last], never seen by the teacher
-    last: int = opt(60000, 1, 60000)
-    results_per_class: int = opt(400, 1, 100000)  # length of each class's search result list
-    broken_kinds: list[str] = opt(["http_404", "html_as_image", "truncated"])
-    mix: WorldMix = field(default_factory=WorldMix)
-    render: WorldRender = field(default_factory=WorldRender)
+    seed: int = knob(0, 0)
+    first: int = knob(30000, 0, 60000)  # raw web material: train[first:last], never seen by the teacher
+    last: int = knob(60000, 1, 60000)
+    results_per_class: int = knob(400, 1, 100000)  # length of each class's search result list
+    broken_kinds: list[str] = knob(["http_404", "html_as_image", "truncated"])
+    mix: WorldMix = field(default_factory=WorldMix)  # fractions of each result list, summing to 1
+    render: RenderParams = field(default_factory=RenderParams)  # how an item becomes a web-style photo
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,19 +62,21 @@ class WorldConfig:
 class HttpConfig:
     """Downloader limits. The defaults are polite for the real web; the demo relaxes them for the mirror."""
 
-    workers: int = opt(8, 1, 256)  # download threads
-    per_host_concurrency: int = opt(2, 1, 64)  # simultaneous requests to one host
-    per_host_delay_s: float = opt(1.0, 0, 60)  # minimum spacing between request starts to one host
-    connect_timeout_s: float = opt(5.0, 0.01, 120, lo_open=True)
-    read_timeout_s: float = opt(10.0, 0.01, 300, lo_open=True)
-    deadline_s: float = opt(30.0, 0.01, 3600, lo_open=True)  # total time for one URL, retries included
-    max_bytes: int = opt(20_000_000, 1, 1_000_000_000)  # byte cap per image, header and stream
-    max_redirects: int = opt(5, 0, 20)
-    retries: int = opt(3, 1, 10)  # attempts per URL in one run
-    backoff_s: float = opt(1.0, 0, 60)  # base of the exponential backoff (full jitter)
-    max_retry_after_s: float = opt(60.0, 0, 3600)  # Retry-After is honoured up to this
+    workers: int = knob(8, 1, 256)  # download threads
+    per_host_concurrency: int = knob(2, 1, 64)  # simultaneous requests to one host
+    per_host_delay_s: float = knob(1.0, 0, 60)  # minimum spacing between request starts to one host
+    connect_timeout_s: float = knob(5.0, 0.01, 120, lo_open=True)
+    read_timeout_s: float = knob(10.0, 0.01, 300, lo_open=True)
+    deadline_s: float = knob(30.0, 0.01, 3600, lo_open=True)  # total time for one URL, retries included
+    max_bytes: int = knob(20_000_000, 1, 1_000_000_000)  # byte cap per image, header and stream
+    max_redirects: int = knob(5, 0, 20)
+    retries: int = knob(3, 1, 10)  # attempts per URL in one run
+    backoff_s: float = knob(1.0, 0, 60)  # base of the exponential backoff (full jitter)
+    max_retry_after_s: float = knob(60.0, 0, 3600)  # Retry-After is honoured up to this
     user_agent: str = "kd3/0.1 (+https://github.com/kd3-project/kd3)"
     allow_private: bool = False  # fetch from loopback, link-local and private addresses (your own intranet server)
+    host_failures: int = knob(5, 0, 1000)  # consecutive unanswered requests that skip a host for the run; 0 = off
+    robots_timeout_s: float = knob(10.0, 0.01, 300, lo_open=True)  # total time to fetch one robots.txt
 
 
 @dataclass(frozen=True)
@@ -124,7 +85,7 @@ class MirrorConfig:
 
     world_dir: str = "data/world"
     host: str = "127.0.0.1"
-    port: int = opt(47611, 0, 65535)  # fixed, so URLs (and so resume) are stable across runs; 0 = any free port
+    port: int = knob(47611, 0, 65535)  # fixed, so URLs (and so resume) are stable across runs; 0 = any free port
 
 
 EngineName = Literal["bing", "baidu", "google", "flickr", "greedy", "urls", "mirror"]
@@ -136,19 +97,21 @@ class CrawlConfig:
 
     classes: str = "classes.txt"
     out_dir: str = "data/crawl"
-    engines: list[EngineName] = opt(["mirror"])
-    queries: list[str] = opt(["{name}", "{name} photo"])  # templates; {name} is the class name or a synonym
+    engines: list[EngineName] = knob(["mirror"])
+    queries: list[str] = knob(["{name}", "{name} photo"])  # templates; {name} is the class name or a synonym
     synonyms: str | None = None  # optional TSV: class name <TAB> synonym (one per line)
-    per_class: int = opt(300, 1, 100000)  # target number of downloaded images per class
-    oversample: float = opt(1.5, 1, 20)  # candidate URLs asked of each engine and query = per_class * oversample
-    min_per_class: int = opt(1, 0, 100000)  # fewer downloaded images than this for a class is an error
+    per_class: int = knob(300, 1, 100000)  # target number of downloaded images per class
+    oversample: float = knob(1.5, 1, 20)  # candidate URLs asked of each engine and query = per_class * oversample
+    min_per_class: int = knob(1, 0, 100000)  # fewer downloaded images than this for a class is an error
     shard: str = "0/1"  # i/n: crawl only classes with index % n == i
     urls_file: str | None = None  # TSV class <TAB> url, for engine "urls"
-    greedy_domains: list[str] = opt([])  # start pages for engine "greedy"
-    greedy_max_pages: int = opt(50, 1, 100000)
+    greedy_domains: list[str] = knob([])  # start pages for engine "greedy"
+    greedy_max_pages: int = knob(50, 1, 100000)
     bing_base_url: str = "https://www.bing.com"
     flickr_api_key_env: str = "FLICKR_API_KEY"  # the key is read from this environment variable
     progress: bool = True
+    robots: bool = True  # honour each site's robots.txt for image downloads; false for sources you own
+    class_budget_s: float | None = knob(None, 0, lo_open=True)  # download time per class and run; null = no limit
     http: HttpConfig = field(default_factory=HttpConfig)
     mirror: MirrorConfig = field(default_factory=MirrorConfig)
 
@@ -164,25 +127,25 @@ class CleanConfig:
 
     crawl_dir: str = "data/crawl"
     out_dir: str = "data/clean"
-    image_size: int | None = opt(None, 8, 1024)  # side of the packed array, pixels; null: the teacher's input
+    image_size: int | None = knob(None, 8, 1024)  # side of the packed array, pixels; null: the teacher's input
     # size times CROP_MARGIN (see resolve_image_size); smaller than the teacher's input size is an error
     resize: Literal["crop", "pad"] = "crop"  # shorter side to image_size + centre crop, or fit + white pad
-    formats: list[Literal["JPEG", "PNG", "WEBP", "GIF", "BMP"]] = opt(["JPEG", "PNG", "WEBP", "GIF", "BMP"])
-    max_bytes: int = opt(20_000_000, 1, 1_000_000_000)  # per file, checked before decoding
-    max_pixels: int = opt(40_000_000, 1, 500_000_000)  # per image, checked on the header
-    max_frames: int = opt(100, 1, 100_000)  # animations with more frames are dropped
-    min_side: int = opt(24, 1, 10_000)  # shorter side below this: too_small
-    max_aspect: float = opt(3.0, 1, 1000)  # long/short side above this: bad_aspect
-    min_std: float = opt(3.0, 0, 128)  # largest per-channel std below this: blank
-    min_entropy: float = opt(1.5, 0, 8)  # grey-histogram entropy (bits) below this: low_information
-    hash_size: int = opt(8, 8, 32)  # pHash side: 8 -> 64-bit hashes
-    hamming: int = opt(6, 0, 1024)  # candidate near-duplicates: pHash distance <= this (<= 7: fast at 1e6)
-    verify_mad: float | None = opt(6.0, 0, 255)  # ... confirmed when 16x16 thumbnails differ <= this; null: off
-    uniform_std: float = opt(2.0, 0, 128)  # flatter images are never matched perceptually
-    workers: int = opt(0, 0, 256)  # decode/hash processes; 0 = every core
-    decode_timeout_s: float = opt(10.0, 0.1, 600)  # per image; a hung decoder costs that image
-    worker_memory_mb: int = opt(2048, 64, 1_000_000)  # address-space limit of each worker
-    sheet_max: int = opt(48, 0, 1000)  # images per contact sheet
+    formats: list[Literal["JPEG", "PNG", "WEBP", "GIF", "BMP"]] = knob(["JPEG", "PNG", "WEBP", "GIF", "BMP"])
+    max_bytes: int = knob(20_000_000, 1, 1_000_000_000)  # per file, checked before decoding
+    max_pixels: int = knob(40_000_000, 1, 500_000_000)  # per image, checked on the header
+    max_frames: int = knob(100, 1, 100_000)  # animations with more frames are dropped
+    min_side: int = knob(24, 1, 10_000)  # shorter side below this: too_small
+    max_aspect: float = knob(3.0, 1, 1000)  # long/short side above this: bad_aspect
+    min_std: float = knob(3.0, 0, 128)  # largest per-channel std below this: blank
+    min_entropy: float = knob(1.5, 0, 8)  # grey-histogram entropy (bits) below this: low_information
+    hash_size: int = knob(8, 8, 32)  # pHash side: 8 -> 64-bit hashes
+    hamming: int = knob(6, 0, 1024)  # candidate near-duplicates: pHash distance <= this (<= 7: fast at 1e6)
+    verify_mad: float | None = knob(6.0, 0, 255)  # ... confirmed when 16x16 thumbnails differ <= this; null: off
+    uniform_std: float = knob(2.0, 0, 128)  # flatter images are never matched perceptually
+    workers: int = knob(0, 0, 256)  # decode/hash processes; 0 = every core
+    decode_timeout_s: float = knob(10.0, 0.1, 600)  # per image; a hung decoder costs that image
+    worker_memory_mb: int = knob(2048, 64, 1_000_000)  # address-space limit of each worker
+    sheet_max: int = knob(48, 0, 1000)  # images per contact sheet
     progress: bool = True
 
 
@@ -196,13 +159,13 @@ class DemoTeacherConfig:
     """How the demo teacher is trained when ``teacher.checkpoint`` is null (Fashion-MNIST only)."""
 
     source: str = "/usr/share/datasets/fashion-mnist"
-    first: int = opt(0, 0, 60000)  # the teacher's private data: train[first:last]
-    last: int = opt(30000, 1, 60000)
-    epochs: int = opt(5, 1, 1000)
-    batch_size: int = opt(128, 1, 65536)
-    lr: float = opt(0.1, 0, 10, lo_open=True)
-    weight_decay: float = opt(5e-4, 0, 1)
-    seed: int = opt(0, 0)
+    first: int = knob(0, 0, 60000)  # the teacher's private data: train[first:last]
+    last: int = knob(30000, 1, 60000)
+    epochs: int = knob(5, 1, 1000)
+    batch_size: int = knob(128, 1, 65536)
+    lr: float = knob(0.1, 0, 10, lo_open=True)
+    weight_decay: float = knob(5e-4, 0, 1)
+    seed: int = knob(0, 0)
 
 
 @dataclass(frozen=True)
@@ -213,14 +176,14 @@ class TeacherConfig:
     format: Literal["state_dict", "torchscript"] = "state_dict"  # torchscript runs code from the archive
     arch: str = "resnet8"  # registry or torchvision name (state_dict only)
     classes: str = "classes.txt"  # one name per line, in the teacher's output order
-    input_size: int = opt(32, 8, 1024)  # the teacher's input side, pixels
-    in_chans: int = opt(3, 1, 4)
+    input_size: int = knob(32, 8, 1024)  # the teacher's input side, pixels
+    in_chans: int = knob(3, 1, 4)
     feature_layer: str | None = None  # module name of the last feature map, when the arch's default does not apply
     classifier_layer: str | None = None  # module name of the final nn.Linear (goes with feature_layer)
-    mean: list[float] = opt([0.286, 0.286, 0.286])  # per channel, on [0, 1] inputs
-    std: list[float] = opt([0.353, 0.353, 0.353], 0, 10, lo_open=True)
-    max_bytes: int = opt(2_000_000_000, 1)
-    memory_limit_mb: int = opt(8192, 64)
+    mean: list[float] = knob([0.286, 0.286, 0.286])  # per channel, on [0, 1] inputs
+    std: list[float] = knob([0.353, 0.353, 0.353], 0, 10, lo_open=True)
+    max_bytes: int = knob(2_000_000_000, 1)
+    memory_limit_mb: int = knob(8192, 64)
     out_dir: str = "data/teacher"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     demo: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
@@ -233,7 +196,7 @@ class LabelConfig:
     clean_dir: str = "data/clean"
     teacher_dir: str = "data/teacher"
     out_dir: str = "data/label"
-    batch_size: int = opt(512, 1, 65536)
+    batch_size: int = knob(512, 1, 65536)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     truth: str | None = None  # demo only: the world's truth.jsonl, for the report (training never reads it)
     strict: bool = False  # fail (exit 1) when the transfer diagnostics warn, instead of going on
@@ -246,44 +209,12 @@ class EvaluateConfig:
     teacher_dir: str = "data/teacher"
     eval_dir: str | None = None  # an image folder with one sub-folder per class name
     fashion_mnist: str | None = None  # demo: Fashion-MNIST folder; its test split is the eval set
-    first: int = opt(0, 0)  # evaluate eval items [first:last] (the demo keeps 2000 for validation)
+    first: int = knob(0, 0)  # evaluate eval items [first:last] (the demo keeps 2000 for validation)
     last: int | None = None
-    batch_size: int = opt(512, 1, 65536)
+    batch_size: int = knob(512, 1, 65536)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out_dir: str = "metrics"
     student_dir: str | None = None  # the distill stage's out_dir: score the exported student too
-
-
-@dataclass(frozen=True)
-class KD3Options:
-    """``distill.kd3:`` — KD³'s components; each switch is an ablation."""
-
-    selection: bool = True  # per-epoch dynamic instance selection (off: every image, every epoch)
-    shared_classifier: bool = True  # reuse the teacher's frozen classifier (off: own classifier + KD, T=4)
-    feature_weighting: bool = True  # sigmoid(‖o_S − o_T‖) sample weights (off: plain MSE)
-    mixdistribution: bool = True  # MixDistribution + NT-Xent instance alignment (off: no second view)
-    tau: float = opt(0.95, 0, 1)  # selection confidence threshold
-    adaptive_thresholds: bool = True  # class-adaptive τ·β/(2−β) (off: τ for every class)
-    selection_view: Literal["clean", "augmented"] = "clean"  # clean: cached teacher logits, half the cost
-    feature_weight: float = opt(1.0, 0)  # weight of the feature alignment term
-    mix_weight: float = opt(0.001, 0)  # λ_mix
-    temperature: float = opt(0.3, 0, lo_open=True)  # NT-Xent temperature
-    kd_weight: float = opt(0.0, 0)  # ours, off in the paper: Hinton KD (T=4) on the shared-classifier logits
-    query_prior: float = opt(0.0, 0, 0.999)  # ours: ρ, the crawl query as a prior on the label (0: off)
-
-
-@dataclass(frozen=True)
-class KDOptions:
-    temperature: float = opt(4.0, 0, lo_open=True)
-    query_prior: float = opt(0.0, 0, 0.999)  # ours: ρ, the crawl query as a prior on the KD target (0: off)
-
-
-@dataclass(frozen=True)
-class DFNDOptions:
-    keep: float = opt(0.47, 0, 1, lo_open=True)  # fraction of the pool kept by teacher confidence (600k/1.28M)
-    accuracy: float = opt(0.9, 0, 1)  # the teacher's assumed accuracy on its own data: diag of Q
-    theta_lr: float = opt(1e-3, 0, lo_open=True)  # Adam lr for Q's off-diagonal logits
-    temperature: float = opt(4.0, 0, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -292,8 +223,8 @@ class DistillEval:
 
     eval_dir: str | None = None  # a labelled image folder by class name
     fashion_mnist: str | None = None  # demo: Fashion-MNIST test[first:last]
-    first: int = opt(0, 0)
-    last: int | None = opt(2000, 1)
+    first: int = knob(0, 0)
+    last: int | None = knob(2000, 1)
 
 
 @dataclass(frozen=True)
@@ -305,33 +236,37 @@ class DistillConfig:
     teacher_dir: str = "data/teacher"
     out_dir: str = "data/distill"
     metrics_dir: str = "metrics"
-    method: Literal["kd3", "kd", "dfnd"] = "kd3"
+    method: str = "kd3"  # a method of distill/methods/: kd3, or the baselines kd and dfnd
     student: str = "resnet8"  # registry or torchvision name
-    epochs: int = opt(30, 1, 100000)
-    batch_size: int = opt(128, 2, 65536)
-    lr: float = opt(0.05, 0, 10, lo_open=True)
-    momentum: float = opt(0.9, 0, 1)
-    weight_decay: float = opt(5e-4, 0, 1)
-    lr_schedule: Literal["step", "cosine"] = "step"
-    milestones: list[float] = opt([0.625, 0.75, 0.875], 0, 1)  # fractions of epochs (step schedule)
-    warmup_epochs: int = opt(0, 0)
-    crop_scale: list[float] = opt([0.35, 1.0], 0, 1, lo_open=True)  # RandomResizedCrop area fraction
-    crop_ratio: list[float] = opt([0.75, 1.3333], 0.1, 10)  # ... and aspect ratio range
-    flip: bool = True
-    grayscale: float = opt(0.0, 0, 1)  # probability of training on an image's luma (colour invariance)
-    holdout: float = opt(0.05, 0, 0.5)  # web images never trained on (teacher-student agreement)
-    seed: int = opt(0, 0)
+    epochs: int = same_as(Schedule, "epochs")
+    batch_size: int = same_as(Schedule, "batch_size")
+    lr: float = same_as(Schedule, "lr")
+    momentum: float = same_as(Schedule, "momentum")
+    weight_decay: float = same_as(Schedule, "weight_decay")
+    lr_schedule: Literal["step", "cosine"] = same_as(Schedule, "lr_schedule")
+    milestones: tuple[float, ...] = same_as(Schedule, "milestones")
+    warmup_epochs: int = same_as(Schedule, "warmup_epochs")
+    crop_scale: tuple[float, float] = same_as(Augment, "crop_scale")
+    crop_ratio: tuple[float, float] = same_as(Augment, "crop_ratio")
+    flip: bool = same_as(Augment, "flip")
+    grayscale: float = same_as(Augment, "grayscale")
+    holdout: float = knob(0.05, 0, 0.5)  # web images never trained on (teacher-student agreement)
+    seed: int = knob(0, 0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = True  # bf16 autocast on CUDA
-    channels_last: bool = True  # NHWC memory layout (faster convolutions on CUDA and CPU)
-    compile: bool = False  # torch.compile (benchmarks/train_speed.py measures it)
-    gpu_memory_budget_mb: int = opt(4096, 0)  # a larger pool streams from host memory
-    nan_policy: Literal["abort", "skip"] = "abort"
+    amp: bool = same_as(Runtime, "amp")
+    channels_last: bool = same_as(Runtime, "channels_last")
+    compile: bool = same_as(Runtime, "compile")
+    nan_policy: Literal["abort", "skip"] = same_as(Runtime, "nan_policy")
+    gpu_memory_budget_mb: int = knob(4096, 0)  # a larger pool streams from host memory
     truth: str | None = None  # demo only: the world's truth, for selection precision (never trained on)
     eval: DistillEval = field(default_factory=DistillEval)
-    kd3: KD3Options = field(default_factory=KD3Options)
-    kd: KDOptions = field(default_factory=KDOptions)
-    dfnd: DFNDOptions = field(default_factory=DFNDOptions)
+    # one section per method (distill.kd3, distill.kd, ...), each the method's own Options dataclass
+    methods: dict[str, Any] = field(default_factory=dict, metadata={"sections": "distill.methods:method_options"})
+
+    @property
+    def options(self) -> Any:
+        """The chosen method's options (``distill.<method>``)."""
+        return self.methods[self.method]
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,13 +335,19 @@ def build(cls: type[T], raw: Any, where: str) -> T:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(raw) - set(fields))
+    # a field with "sections" metadata collects several sub-sections, each its own dataclass
+    sections = {name: _sections(f.metadata["sections"]) for name, f in fields.items() if "sections" in f.metadata}
+    valid = {name for name in fields if name not in sections} | {k for s in sections.values() for k in s}
+    unknown = sorted(set(raw) - valid, key=str)
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key (valid keys: {', '.join(sorted(fields))})")
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (valid keys: {', '.join(sorted(valid))})")
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         key = f"{where}.{name}"
+        if name in sections:
+            kwargs[name] = {k: build(tp, raw.get(k) or {}, f"{where}.{k}") for k, tp in sections[name].items()}
+            continue
         if name not in raw:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"{key}: required key missing")
@@ -419,6 +360,16 @@ def build(cls: type[T], raw: Any, where: str) -> T:
     if check is not None:
         check(where)
     return obj
+
+
+def _sections(provider: str) -> dict[str, type]:
+    """``"module:function"`` -> the ``{section name: dataclass}`` it returns (a plugin registry).
+
+    Named, not imported here, so that only a section that has such a field loads the registry
+    (the distill methods import torch; ``kd3 crawl`` should not).
+    """
+    module, _, function = provider.partition(":")
+    return getattr(importlib.import_module(module), function)()
 
 
 def _type_name(tp: Any) -> str:
@@ -444,6 +395,14 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
         return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
@@ -611,15 +570,16 @@ EvaluateConfig.validate = _evaluate_validate  # type: ignore[attr-defined]
 
 
 def _distill_validate(self: DistillConfig, where: str) -> None:
-    lo, hi = (self.crop_scale + [0, 0])[:2]
-    if len(self.crop_scale) != 2 or lo > hi:
-        raise ConfigError(f"{where}.crop_scale: need [min, max] with min <= max, got {self.crop_scale}")
-    if len(self.crop_ratio) != 2 or self.crop_ratio[0] > self.crop_ratio[1]:
-        raise ConfigError(f"{where}.crop_ratio: need [min, max] with min <= max, got {self.crop_ratio}")
+    for name in ("crop_scale", "crop_ratio"):
+        lo, hi = getattr(self, name)
+        if lo > hi:
+            raise ConfigError(f"{where}.{name}: need [min, max] with min <= max, got {[lo, hi]}")
     if self.eval.last is not None and self.eval.last <= self.eval.first:
         raise ConfigError(f"{where}.eval.last: must be greater than first ({self.eval.first})")
     if self.warmup_epochs >= self.epochs:
         raise ConfigError(f"{where}.warmup_epochs: must be less than epochs ({self.epochs})")
+    if self.method not in self.methods:
+        raise ConfigError(f"{where}.method: {self.method!r} is not one of {', '.join(self.methods)}")
 
 
 DistillConfig.validate = _distill_validate  # type: ignore[attr-defined]

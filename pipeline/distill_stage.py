@@ -28,15 +28,14 @@ import torch
 import torch.distributed as dist
 
 from crawl.sheets import contact_sheet
-from distill.baselines import DFNDMethod, KDMethod
 from distill.data import ImagePool, holdout_mask, resolve_device
 from distill.export import export_student
-from distill.kd3 import KD3Method
 from distill.label import predict
+from distill.methods import build_method
 from distill.models import build_model
-from distill.teacher import Teacher
-from distill.trainer import Augment, Method, Runtime, Schedule, Trainer
-from kd3util import atomic_path, write_json
+from distill.settings import Augment, Runtime, Schedule
+from distill.trainer import Trainer
+from kd3util import atomic_path, pick, write_json
 from pipeline.artifacts import check_classes
 from pipeline.artifacts.clean import CleanSet
 from pipeline.artifacts.label import PseudoLabels
@@ -46,36 +45,6 @@ from pipeline.config import DistillConfig
 from pipeline.evalset import load_eval_set
 
 log = logging.getLogger(__name__)
-
-
-def build_method(cfg: DistillConfig, teacher: Teacher, record: TeacherRecord) -> Method:
-    k, size, chans = len(record.classes), record.input_size, record.in_chans
-    student = build_model(cfg.student, k, chans)
-    if cfg.method == "kd":
-        return KDMethod(teacher, student, cfg.kd.temperature, cfg.kd.query_prior)
-    if cfg.method == "dfnd":
-        d = cfg.dfnd
-        return DFNDMethod(
-            teacher, student, k, keep=d.keep, accuracy=d.accuracy, theta_lr=d.theta_lr, temperature=d.temperature
-        )
-    o = cfg.kd3
-    return KD3Method(
-        teacher,
-        student,
-        input_size=size,
-        in_chans=chans,
-        selection=o.selection,
-        shared_classifier=o.shared_classifier,
-        feature_weighting=o.feature_weighting,
-        mixdistribution=o.mixdistribution,
-        tau=o.tau,
-        adaptive_thresholds=o.adaptive_thresholds,
-        mix_weight=o.mix_weight,
-        temperature=o.temperature,
-        feature_weight=o.feature_weight,
-        kd_weight=o.kd_weight,
-        query_prior=o.query_prior,
-    )
 
 
 def _fingerprint(cfg: DistillConfig, record: TeacherRecord, clean: CleanSet, labels: PseudoLabels) -> str:
@@ -170,7 +139,15 @@ def _run(cfg: DistillConfig, device: torch.device) -> dict[str, Any]:
             return {"val_accuracy": round(float((pred == val_y).mean()), 4)}
 
     torch.manual_seed(cfg.seed)  # the student's initial weights
-    method = build_method(cfg, teacher, record)
+    method = build_method(
+        cfg.method,
+        teacher,
+        build_model(cfg.student, len(classes), chans),
+        cfg.options,
+        num_classes=len(classes),
+        input_size=size,
+        in_chans=chans,
+    )
     out.mkdir(parents=True, exist_ok=True)
     metrics_dir = Path(cfg.metrics_dir)
     metrics_dir.mkdir(parents=True, exist_ok=True)
@@ -178,31 +155,13 @@ def _run(cfg: DistillConfig, device: torch.device) -> dict[str, Any]:
         method,
         ImagePool(images, device, cfg.gpu_memory_budget_mb << 20),
         torch.from_numpy(logits),
-        schedule=Schedule(
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            lr_schedule=cfg.lr_schedule,
-            milestones=tuple(cfg.milestones),
-            warmup_epochs=cfg.warmup_epochs,
-        ),
-        augment=Augment(
-            size=size,
-            scale=(cfg.crop_scale[0], cfg.crop_scale[1]),
-            ratio=(cfg.crop_ratio[0], cfg.crop_ratio[1]),
-            flip=cfg.flip,
-            grayscale=cfg.grayscale,
-        ),
-        runtime=Runtime(
-            device=device, amp=cfg.amp, channels_last=cfg.channels_last, compile=cfg.compile, nan_policy=cfg.nan_policy
-        ),
+        schedule=pick(Schedule, cfg),
+        augment=pick(Augment, cfg, size=size),
+        runtime=pick(Runtime, cfg, device=device),
         seed=cfg.seed,
         train_rows=~held,
         checkpoint=out / "checkpoint.pt",
         fingerprint=_fingerprint(cfg, record, clean, labels),
-        selection_view=cfg.kd3.selection_view,
         evaluate=evaluate,
         truth=truth,
         queries=queries,

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from crawl.classes import read_classes
-from crawl.world import RenderParams, WorldMix, build_world, load_fashion_mnist
+from crawl.world import build_world, load_fashion_mnist
 from pipeline.config import CrawlConfig, WorldConfig
 
 log = logging.getLogger(__name__)
@@ -34,27 +34,6 @@ def run(cfg: WorldConfig, crawl_cfg: CrawlConfig) -> dict[str, object]:
         raise ValueError(f"world.last={cfg.last} but {cfg.source} has only {len(images)} training images")
     if int(labels.max()) + 1 != len(classes):
         raise ValueError(f"{cfg.classes}: {len(classes)} classes, but the data has {int(labels.max()) + 1} labels")
-    r = cfg.render
-    render = RenderParams(
-        min_size=r.min_size,
-        max_size=r.max_size,
-        nonsquare_prob=r.nonsquare_prob,
-        max_aspect=r.max_aspect,
-        tint_prob=r.tint_prob,
-        light_bg_prob=r.light_bg_prob,
-        dark_bg_prob=r.dark_bg_prob,
-        bg_min_level=r.bg_min_level,
-        dark_bg_max=r.dark_bg_max,
-        object_scale=(r.object_scale[0], r.object_scale[1]),
-        max_shift=r.max_shift,
-        max_rotation_deg=r.max_rotation_deg,
-        blur_prob=r.blur_prob,
-        max_blur=r.max_blur,
-        noise_std=r.noise_std,
-        formats=dict(r.formats),
-        jpeg_quality=(r.jpeg_quality[0], r.jpeg_quality[1]),
-    )
-    m = cfg.mix
     summary = build_world(
         images[cfg.first : cfg.last],
         labels[cfg.first : cfg.last],
@@ -62,8 +41,8 @@ def run(cfg: WorldConfig, crawl_cfg: CrawlConfig) -> dict[str, object]:
         out,
         seed=cfg.seed,
         results_per_class=cfg.results_per_class,
-        mix=WorldMix(m.correct, m.wrong, m.junk, m.near_dup, m.broken),
-        render=render,
+        mix=cfg.mix,
+        render=cfg.render,
         broken_kinds=tuple(cfg.broken_kinds),
         raw_offset=cfg.first,
     )

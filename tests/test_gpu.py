@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from distill.data import ImagePool
-from distill.kd3 import KD3Method
+from distill.methods.kd3 import KD3Method
 from distill.models import build_model
+from distill.settings import Augment, Runtime, Schedule
 from distill.teacher import Teacher
-from distill.trainer import Augment, Runtime, Schedule, Trainer
+from distill.trainer import Trainer
 
 pytestmark = [
     pytest.mark.gpu,

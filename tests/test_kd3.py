@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distill.kd3 import KD3Loss, KD3Student
 from distill.losses import mix_distribution
+from distill.methods.kd3 import KD3Loss, KD3Options, KD3Student
 from distill.models import build_model
 
 
@@ -55,7 +55,7 @@ def test_switches(pair) -> None:  # type: ignore[no-untyped-def]
         t_map = teacher.forward_features(x)
         t_logits = teacher.forward_head(t_map)
         clean = student.parts(x)
-        plain = KD3Loss(feature_weighting=False, mixdistribution=False)(clean, None, t_map, t_logits)
+        plain = KD3Loss(KD3Options(feature_weighting=False, mixdistribution=False))(clean, None, t_map, t_logits)
     assert set(plain) == {"loss", "feature_align"}
     assert torch.allclose(plain["feature_align"], ((clean["projected"] - t_map) ** 2).mean())  # unweighted MSE
     own = KD3Student(build_model("resnet8", 10), teacher.classifier, 256, 8, shared_classifier=False)
@@ -69,12 +69,12 @@ def test_a_larger_student_map_is_pooled_to_the_teachers_size() -> None:
 
 
 def test_without_sharing_the_students_own_classifier_learns_by_kd() -> None:
-    from distill.kd3 import KD3Method
+    from distill.methods.kd3 import KD3Method
     from distill.teacher import Teacher
 
     torch.manual_seed(0)
     teacher = Teacher(build_model("resnet8", 10), [0.5] * 3, [0.25] * 3)  # frozen: its parameters do not train
-    method = KD3Method(teacher, build_model("resnet8", 10), input_size=32, shared_classifier=False)
+    method = KD3Method(teacher, build_model("resnet8", 10), KD3Options(shared_classifier=False), input_size=32)
     clf = method.student.classifier
     assert all(p.requires_grad for p in clf.parameters()) and not torch.equal(clf.weight, teacher.classifier.weight)
     assert "kd" in method.loss_fn.describe().lower()

@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from distill.baselines import DFNDMethod, KDMethod
 from distill.data import ImagePool, fashion_mnist_rgb32, holdout_mask, random_resized_crop
-from distill.kd3 import KD3Method
+from distill.methods.dfnd import DFNDMethod, DFNDOptions
+from distill.methods.kd import KDMethod
+from distill.methods.kd3 import KD3Method, KD3Options
 from distill.models import build_model
+from distill.settings import Augment, Runtime, Schedule
 from distill.teacher import Teacher
-from distill.trainer import Augment, Method, NonFiniteLoss, Runtime, Schedule, Trainer, TrainingInterrupted
+from distill.trainer import Method, NonFiniteLoss, Trainer, TrainingInterrupted
 
 from conftest import synthetic_items
 
@@ -53,7 +55,7 @@ def make_trainer(
     elif method_name == "kd":
         method = KDMethod(teacher, student)
     else:
-        method = DFNDMethod(teacher, student, 3, keep=0.5)
+        method = DFNDMethod(teacher, student, DFNDOptions(keep=0.5), num_classes=3)
     return Trainer(
         method,
         ImagePool(images, torch.device("cpu")),
@@ -274,7 +276,7 @@ def test_query_prior_pulls_selection_towards_the_crawled_class(pool_and_teacher:
     t_logits, s_logits = teacher_logits(teacher, images), torch.zeros(len(images), 3)
     queries = torch.arange(len(images)) % 3
     plain = KD3Method(teacher, build_model("resnet8", 3), input_size=32)
-    prior = KD3Method(teacher, build_model("resnet8", 3), input_size=32, query_prior=0.9)
+    prior = KD3Method(teacher, build_model("resnet8", 3), KD3Options(query_prior=0.9), input_size=32)
     _, pred0 = plain.select(0, 10, t_logits, s_logits, queries)
     _, pred1 = prior.select(0, 10, t_logits, s_logits, queries)
     assert (pred1 == queries).float().mean() > (pred0 == queries).float().mean()

@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -29,9 +31,29 @@ from distill.losses import (
     query_log_prior,
     select_instances,
 )
+from distill.methods import register_method
 from distill.models import Backbone
 from distill.teacher import Teacher
 from distill.trainer import Method
+from kd3util import knob
+
+
+@dataclass(frozen=True)
+class KD3Options:
+    """``distill.kd3`` in params: KD³'s components, each switch an ablation, and our two additions."""
+
+    selection: bool = True  # per-epoch dynamic instance selection (off: every image, every epoch)
+    shared_classifier: bool = True  # reuse the teacher's frozen classifier (off: own classifier + KD, T=4)
+    feature_weighting: bool = True  # sigmoid(‖o_S − o_T‖) sample weights (off: plain MSE)
+    mixdistribution: bool = True  # MixDistribution + NT-Xent instance alignment (off: no second view)
+    tau: float = knob(0.95, 0, 1)  # selection confidence threshold
+    adaptive_thresholds: bool = True  # class-adaptive τ·β/(2−β) (off: τ for every class)
+    selection_view: Literal["clean", "augmented"] = "clean"  # clean: cached teacher logits, half the cost
+    feature_weight: float = knob(1.0, 0)  # weight of the feature alignment term
+    mix_weight: float = knob(0.001, 0)  # λ_mix
+    temperature: float = knob(0.3, 0, lo_open=True)  # NT-Xent temperature
+    kd_weight: float = knob(0.0, 0)  # ours, off in the paper: Hinton KD (T=4) on the shared-classifier logits
+    query_prior: float = knob(0.0, 0, 0.999)  # ours: ρ, the crawl query as a prior on the label (0: off)
 
 
 class Projector(nn.Module):
@@ -114,20 +136,14 @@ class KD3Student(nn.Module):
 class KD3Loss(nn.Module):
     """Named, weighted KD³ terms; ``forward`` returns ``{"loss": total, <term>: value, ...}``."""
 
-    def __init__(
-        self,
-        feature_weight: float = 1.0,
-        mix_weight: float = 0.001,
-        temperature: float = 0.3,
-        feature_weighting: bool = True,
-        mixdistribution: bool = True,
-        kd_weight: float = 0.0,
-        kd_temperature: float = 4.0,
-    ) -> None:
+    kd_temperature = 4.0  # Hinton's T for the optional KD term on the shared-classifier logits
+
+    def __init__(self, options: KD3Options = KD3Options()) -> None:  # noqa: B008 (frozen)
         super().__init__()
-        self.feature_weight, self.mix_weight, self.temperature = feature_weight, mix_weight, temperature
-        self.feature_weighting, self.mixdistribution = feature_weighting, mixdistribution
-        self.kd_weight, self.kd_temperature = kd_weight, kd_temperature
+        o = options
+        self.feature_weight, self.mix_weight, self.temperature = o.feature_weight, o.mix_weight, o.temperature
+        self.feature_weighting, self.mixdistribution = o.feature_weighting, o.mixdistribution
+        self.kd_weight = o.kd_weight
 
     def describe(self) -> str:
         w = "sigmoid(‖o_S − o_T‖₂)" if self.feature_weighting else "1"
@@ -164,6 +180,7 @@ class KD3Loss(nn.Module):
         return {"loss": total, **out}
 
 
+@register_method("kd3", KD3Options)
 class KD3Method(Method):
     """KD³ as the paper and docs/method.md describe it, every component behind a switch.
 
@@ -173,36 +190,26 @@ class KD3Method(Method):
     ``mixdistribution`` -> no perturbed view and no instance term.
     """
 
-    name = "kd3"
-
     def __init__(
         self,
         teacher: Teacher,
         backbone: Backbone,
+        options: KD3Options = KD3Options(),  # noqa: B008 (frozen)
         *,
         input_size: int,
         in_chans: int = 3,
-        selection: bool = True,
-        shared_classifier: bool = True,
-        feature_weighting: bool = True,
-        mixdistribution: bool = True,
-        tau: float = 0.95,
-        adaptive_thresholds: bool = True,
-        mix_weight: float = 0.001,
-        temperature: float = 0.3,
-        feature_weight: float = 1.0,
-        kd_weight: float = 0.0,
-        query_prior: float = 0.0,
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
+        o = options
         c_t, hw = teacher.feature_shape(input_size, in_chans)
         self.teacher = teacher
-        self.student = KD3Student(backbone, teacher.classifier, c_t, hw, shared_classifier, contrastive=mixdistribution)
-        if not shared_classifier and not kd_weight:
-            kd_weight = 1.0
-        self.loss_fn = KD3Loss(feature_weight, mix_weight, temperature, feature_weighting, mixdistribution, kd_weight)
-        self.selection, self.tau, self.adaptive_thresholds = selection, tau, adaptive_thresholds
-        self.query_prior = query_prior
+        self.student = KD3Student(backbone, teacher.classifier, c_t, hw, o.shared_classifier, o.mixdistribution)
+        if not o.shared_classifier and not o.kd_weight:  # the student's own classifier needs a KD signal
+            o = replace(o, kd_weight=1.0)
+        self.loss_fn = KD3Loss(o)
+        self.selection, self.tau, self.adaptive_thresholds = o.selection, o.tau, o.adaptive_thresholds
+        self.query_prior, self.selection_view = o.query_prior, o.selection_view
 
     def describe(self) -> str:
         sel = "dynamic selection" if self.selection else "no selection"
