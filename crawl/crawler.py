@@ -18,6 +18,13 @@ report counts the others as ``skipped_ok`` / ``skipped_failed``); with ``retry_f
 requests again URLs whose last outcome was a final failure (a 404 that may have come back, a page
 that now serves an image). A URL already fetched for another class is recorded for this class
 too, without a second request.
+
+Some outcomes say nothing about the URL itself, only that it could not be tried now; they are not
+written to the manifest, so the next run requests the URL again, and the report counts them under
+``deferred``: ``host_unresponsive`` (the host's circuit breaker opened after consecutive requests
+got no answer), ``robots_unavailable`` (the site's robots.txt could not be read this run) and
+``class_budget`` (the class used up ``class_budget_s``). A URL the site's robots.txt disallows is
+a final failure, ``robots_disallowed``.
 """
 
 from __future__ import annotations
@@ -54,6 +61,9 @@ class CrawlError(RuntimeError):
         self.reports = reports or []
 
 
+# outcomes that leave the URL for the next run (see the module docstring), beside "interrupted"
+DEFERRED_REASONS = frozenset({"host_unresponsive", "robots_unavailable", "class_budget"})
+
 SearchKey = tuple[str, str, str, int, str]  # class name, engine, query, max_num, engine cache key
 
 
@@ -80,6 +90,7 @@ class ClassReport:
     skipped_ok: int = 0  # candidates not requested: an earlier run downloaded them
     skipped_failed: int = 0  # ... an earlier run recorded a final failure (see retry_failed)
     failed: Counter[str] = field(default_factory=Counter)  # reason -> URLs
+    deferred: Counter[str] = field(default_factory=Counter)  # reason -> URLs left for the next run
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -94,6 +105,7 @@ class ClassReport:
             "skipped_ok": self.skipped_ok,
             "skipped_failed": self.skipped_failed,
             "failed": dict(sorted(self.failed.items())),
+            "deferred": dict(sorted(self.deferred.items())),
         }
 
 
@@ -124,6 +136,7 @@ class Crawler:
         oversample: float = 1.5,
         min_per_class: int = 1,
         retry_failed: bool = False,
+        class_budget_s: float | None = None,
         progress: bool = True,
     ) -> None:
         self.out_dir = Path(out_dir)
@@ -135,6 +148,7 @@ class Crawler:
         self.oversample = oversample
         self.min_per_class = min_per_class
         self.retry_failed = retry_failed  # request again URLs whose last outcome is a final failure
+        self.class_budget_s = class_budget_s  # seconds of downloading per class and run; None = no limit
         self.progress = progress
         self.store = ObjectStore(self.out_dir)
         self.manifest_path = self.out_dir / "manifest.jsonl"
@@ -178,9 +192,11 @@ class Crawler:
                     self._download(cls, candidates, latest, known, manifest, pool, report)
                     reports.append(report)
                     if report.downloaded < self.min_per_class:
+                        later = sum(report.deferred.values())
                         problems.append(
                             f"class {cls.name!r}: {report.downloaded} distinct images downloaded, "
                             f"fewer than min_per_class={self.min_per_class}"
+                            + (f" ({later} URLs left for the next run: {_reasons(report.deferred)})" if later else "")
                         )
         if problems:
             raise CrawlError("\n".join(problems), reports)
@@ -280,6 +296,11 @@ class Crawler:
         )
         inflight: dict[Future[FetchOutcome], Candidate] = {}
         it = iter(todo)
+        started = time.monotonic()
+        budget = self.class_budget_s
+
+        def over_budget() -> bool:
+            return budget is not None and time.monotonic() - started > budget
 
         def record(c: Candidate, **fields: Any) -> None:
             old = mine.get(c.url)
@@ -305,6 +326,8 @@ class Crawler:
             while True:
                 # keep the pool busy, but never with more work than the class still needs
                 while len(inflight) < self.workers and report.downloaded + len(inflight) < self.per_class:
+                    if over_budget():
+                        break
                     c = next(it, None)
                     if c is None:
                         break
@@ -312,7 +335,6 @@ class Crawler:
                     if prior is not None:  # fetched already for another class: no second request
                         record(c, **_outcome_fields(prior))
                         continue
-                    report.requests += 1
                     inflight[pool.submit(self.fetcher.download, c.url, self.store)] = c
                 if not inflight:
                     break
@@ -320,9 +342,21 @@ class Crawler:
                 for fut in done:
                     c = inflight.pop(fut)
                     out = fut.result()  # DiskFullError propagates: the crawl cannot go on
+                    if out.requests:  # robots.txt or the host's breaker may refuse a URL before any request
+                        report.requests += 1
                     if out.reason == "interrupted":
                         continue  # not an outcome: the URL stays pending for the next run
+                    if out.reason in DEFERRED_REASONS:
+                        report.deferred[out.reason] += 1
+                        continue
                     record(c, **self._fields(out))
+            if report.downloaded < self.per_class and over_budget():
+                left = sum(1 for _ in it)
+                if left:
+                    report.deferred["class_budget"] += left
+                    log.warning(
+                        "class %r: class_budget_s=%s used up; %d URLs left for the next run", cls.name, budget, left
+                    )
         except (KeyboardInterrupt, OSError):  # DiskFullError, or the manifest append failing
             self.fetcher.stop.set()
             writable = True
@@ -331,7 +365,7 @@ class Crawler:
                     out = fut.result()
                 except OSError:
                     continue
-                if writable and out.reason != "interrupted":
+                if writable and out.reason != "interrupted" and out.reason not in DEFERRED_REASONS:
                     try:
                         record(c, **self._fields(out))
                     except OSError:
@@ -361,6 +395,10 @@ def _outcome_fields(r: ImageRecord) -> dict[str, Any]:
     return {k: getattr(r, k) for k in keys}
 
 
+def _reasons(counts: Counter[str], n: int = 3) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.most_common(n))
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -371,7 +409,9 @@ def summary_table(reports: list[ClassReport]) -> str:
 
     ``downloaded`` counts distinct images, ``duplicates`` the URLs that served bytes the class
     already had. ``skipped ok`` / ``skipped failed`` count candidates not requested because an
-    earlier run finished them (so a rerun that requests nothing says why).
+    earlier run finished them (so a rerun that requests nothing says why). ``deferred`` counts
+    URLs left for the next run (unresponsive host, unreadable robots.txt, class budget used up);
+    a line under the table names the reasons and the classes.
     """
     head = (
         "class",
@@ -383,6 +423,7 @@ def summary_table(reports: list[ClassReport]) -> str:
         "skipped ok",
         "skipped failed",
         "failed",
+        "deferred",
         "top failure reasons",
     )
 
@@ -390,14 +431,17 @@ def summary_table(reports: list[ClassReport]) -> str:
         keys = ("downloaded", "new", "duplicates", "requests", "skipped_ok", "skipped_failed")
         found = sum(sum(r.candidates.values()) for r in rs)
         failed = sum(sum(r.failed.values()) for r in rs)
-        return (str(found), *(str(sum(getattr(r, k) for r in rs)) for k in keys), str(failed))
+        deferred = sum(sum(r.deferred.values()) for r in rs)
+        return (str(found), *(str(sum(getattr(r, k) for r in rs)) for k in keys), str(failed), str(deferred))
 
     rows = [head]
     total_failed: Counter[str] = Counter()
+    total_deferred: Counter[str] = Counter()
     for r in reports:
         total_failed.update(r.failed)
-        rows.append((r.name[:30], *counts([r]), ", ".join(f"{k} {v}" for k, v in r.failed.most_common(3))))
-    rows.append(("TOTAL", *counts(reports), ", ".join(f"{k} {v}" for k, v in total_failed.most_common(4))))
+        total_deferred.update(r.deferred)
+        rows.append((r.name[:30], *counts([r]), _reasons(r.failed)))
+    rows.append(("TOTAL", *counts(reports), _reasons(total_failed, 4)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):
@@ -405,4 +449,8 @@ def summary_table(reports: list[ClassReport]) -> str:
         lines.append("  ".join([*cells, row[-1]]))
         if n == 0 or n == len(rows) - 2:
             lines.append("  ".join("-" * w for w in widths))
+    for reason, count in sorted(total_deferred.items()):
+        names = [r.name for r in reports if r.deferred[reason]]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        lines.append(f"deferred to the next run: {count} URLs {reason} ({shown})")
     return "\n".join(lines)

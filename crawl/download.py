@@ -22,7 +22,13 @@ memory under the same rules. What it guarantees:
   endpoints (the mirror engine allows its own address this way, and only that);
 - content sniffing: the bytes decide what a file is, never the ``Content-Type`` header;
 - at most ``per_host_concurrency`` requests in flight per host and ``per_host_delay_s`` between
-  request starts to one host;
+  request starts to one host, or the host's robots.txt ``Crawl-delay`` where that is longer;
+- robots.txt honoured for image downloads (not for search pages), fetched once per site under
+  the same limits (``crawl.robots``): a disallowed URL fails with ``robots_disallowed``, and while
+  a site's robots.txt cannot be read its URLs fail with ``robots_unavailable``;
+- a host circuit breaker: after ``host_failures`` consecutive attempts to one host that got no
+  answer (timeouts, connection errors), the host's remaining URLs fail at once with
+  ``host_unresponsive`` instead of each costing a deadline;
 - nothing is written under a final name until the whole body has arrived and been hashed.
 
 Used by ``crawl.crawler`` and the engines in ``crawl.sources``.
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
 import random
 import socket
 import threading
@@ -50,7 +57,10 @@ import urllib3.exceptions
 import urllib3.util.connection
 from PIL import Image
 
+from crawl.robots import ROBOTS_MAX_BYTES, RobotsCache, RobotsFetch
 from crawl.store import DiskFullError, ObjectStore
+
+log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
 SNIFF_BYTES = 512  # enough for magic numbers and an XML prolog before <svg
@@ -74,6 +84,9 @@ class HttpLimits:
     pool_size: int = 8
     allow_private: bool = False  # let requests reach non-public addresses (an intranet crawl, tests)
     allow_hosts: tuple[str, ...] = ()  # "host:port" endpoints allowed even when non-public ("[::1]:8080")
+    robots: bool = False  # honour robots.txt for image downloads (the crawl stage: crawl.robots, on by default)
+    robots_timeout_s: float = 10.0  # total time for one robots.txt, redirects included
+    host_failures: int = 5  # consecutive unanswered attempts that give up on a host for the run; 0 = never
 
 
 @dataclass
@@ -91,6 +104,7 @@ class FetchOutcome:
     format: str | None = None
     final_url: str | None = None
     attempts: int = 0
+    requests: int = 0  # HTTP requests sent (0: refused before any, e.g. by robots.txt or an open breaker)
     body: bytes | None = None  # only for get_page
 
 
@@ -99,11 +113,23 @@ class Interrupted(Exception):
 
 
 class _Fail(Exception):
-    """A failed attempt: ``reason`` code, whether another attempt may help, and a wait hint."""
+    """A failed attempt: ``reason`` code, whether another attempt may help, and a wait hint.
 
-    def __init__(self, reason: str, retry: bool = False, wait: float | None = None) -> None:
+    ``unanswered``: the request got no response at all (timeout, connection error); these count
+    toward the host circuit breaker. ``refused``: the host's address is not allowed.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        retry: bool = False,
+        wait: float | None = None,
+        unanswered: bool = False,
+        refused: bool = False,
+    ) -> None:
         super().__init__(reason)
         self.reason, self.retry, self.wait = reason, retry, wait
+        self.unanswered, self.refused = unanswered, refused
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,13 +179,22 @@ def probe_size(path: Path) -> tuple[int | None, int | None]:
 
 
 class HostGate:
-    """At most ``concurrency`` requests in flight per host, request starts ``delay_s`` apart."""
+    """At most ``concurrency`` requests in flight per host, request starts ``delay_s`` apart.
+
+    ``slow_down`` raises one host's spacing (a robots.txt ``Crawl-delay``); it never lowers it.
+    """
 
     def __init__(self, concurrency: int, delay_s: float) -> None:
         self.concurrency, self.delay_s = concurrency, delay_s
         self._lock = threading.Lock()
         self._slots: dict[str, threading.Semaphore] = {}
         self._next_start: dict[str, float] = {}
+        self._delay: dict[str, float] = {}
+
+    def slow_down(self, host: str, delay_s: float) -> None:
+        with self._lock:
+            if delay_s > self._delay.get(host, self.delay_s):
+                self._delay[host] = delay_s
 
     def acquire(self, host: str, deadline: float, stop: threading.Event) -> None:
         with self._lock:
@@ -173,7 +208,7 @@ class HostGate:
         with self._lock:
             now = time.monotonic()
             start = max(now, self._next_start.get(host, now))
-            self._next_start[host] = start + self.delay_s
+            self._next_start[host] = start + self._delay.get(host, self.delay_s)
         wait = start - time.monotonic()
         if wait > 0:
             if start > deadline:
@@ -185,6 +220,37 @@ class HostGate:
 
     def release(self, host: str) -> None:
         self._slots[host].release()
+
+
+class HostBreaker:
+    """Gives up on a host for the run after ``limit`` consecutive attempts it did not answer.
+
+    Any answer (a status line, a whole body) resets the count while the breaker is closed; once
+    open it stays open, so the host's remaining URLs cost nothing until the next run.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._fails: dict[str, int] = {}
+
+    def is_open(self, host: str) -> bool:
+        with self._lock:
+            return self.limit > 0 and self._fails.get(host, 0) >= self.limit
+
+    def unanswered(self, host: str) -> None:
+        with self._lock:
+            self._fails[host] = self._fails.get(host, 0) + 1
+            tripped = self._fails[host] == self.limit
+        if tripped:
+            log.warning(
+                "%s: %d attempts in a row got no answer; its other URLs wait for the next run", host, self.limit
+            )
+
+    def answered(self, host: str) -> None:
+        with self._lock:
+            if self.limit <= 0 or self._fails.get(host, 0) < self.limit:
+                self._fails[host] = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,6 +409,8 @@ class Fetcher:
         self.stop = stop or threading.Event()
         self.gate = HostGate(limits.per_host_concurrency, limits.per_host_delay_s)
         self.guard = AddressGuard(limits.allow_private, limits.allow_hosts)
+        self.breaker = HostBreaker(limits.host_failures)
+        self.robots = RobotsCache(self.fetch_robots) if limits.robots else None
         self._local = threading.local()
 
     def allow_endpoint(self, url: str) -> None:
@@ -374,8 +442,93 @@ class Fetcher:
         return self._with_retries(url, store)
 
     def get_page(self, url: str, max_bytes: int = 5_000_000) -> FetchOutcome:
-        """Fetch a search page into memory (``outcome.body``) under the same limits."""
+        """Fetch a search page into memory (``outcome.body``) under the same limits (robots.txt is
+        not consulted: engines' result pages are the engines' business)."""
         return self._with_retries(url, None, max_bytes)
+
+    def fetch_robots(self, url: str) -> RobotsFetch:
+        """GET a robots.txt: redirects followed, ``robots_timeout_s`` in all, the first
+        ``ROBOTS_MAX_BYTES`` kept; any failure to get an answer becomes ``RobotsFetch.error``."""
+        deadline = time.monotonic() + self.limits.robots_timeout_s
+        current = url
+        for hop in range(self.limits.max_redirects + 1):
+            if urlsplit(current).scheme.lower() not in ("http", "https"):
+                return RobotsFetch(None, error="redirect_blocked")
+            host = _host_key(current)
+            try:
+                if self.breaker.is_open(host):
+                    return RobotsFetch(None, error="host_unresponsive")
+                self.gate.acquire(host, deadline, self.stop)
+            except _Fail as f:
+                return RobotsFetch(None, error=f.reason)
+            try:
+                resp = self._send(host, current, deadline)
+                try:
+                    if resp.is_redirect:
+                        current = urljoin(current, resp.headers.get("Location", ""))
+                        continue
+                    if not 200 <= resp.status_code < 300:
+                        return RobotsFetch(resp.status_code)
+                    return RobotsFetch(resp.status_code, self._read_prefix(resp, deadline, ROBOTS_MAX_BYTES))
+                finally:
+                    resp.close()
+            except _Fail as f:
+                return RobotsFetch(None, error=f.reason, site_refused=f.refused and hop == 0)
+            finally:
+                self.gate.release(host)
+        return RobotsFetch(None, error="too_many_redirects")
+
+    def _read_prefix(self, resp: requests.Response, deadline: float, limit: int) -> bytes:
+        """Up to ``limit`` decoded bytes of the body; the rest is never read."""
+        chunks: list[bytes] = []
+        total = 0
+        while total < limit:
+            if self.stop.is_set():
+                raise Interrupted()
+            if time.monotonic() > deadline:
+                raise _Fail("timeout")
+            try:
+                chunk = resp.raw.read1(min(CHUNK, limit - total), decode_content=True)
+            except urllib3.exceptions.ReadTimeoutError:
+                raise _Fail("timeout") from None
+            except (urllib3.exceptions.ProtocolError, OSError):
+                raise _Fail("connection_error") from None
+            except urllib3.exceptions.DecodeError:
+                raise _Fail("bad_encoding") from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        return b"".join(chunks)[:limit]
+
+    def _may_request(self, url: str, store: ObjectStore | None) -> None:
+        """Raise ``_Fail`` when ``url`` must not be requested now: its host's breaker is open, or
+        (for an image) its site's robots.txt disallows it or could not be read."""
+        if urlsplit(url).scheme.lower() not in ("http", "https"):
+            return  # the attempt itself refuses it with the right code
+        host = _host_key(url)
+        if self.breaker.is_open(host):
+            raise _Fail("host_unresponsive")
+        if self.robots is None or store is None:
+            return
+        rules = self.robots.rules(url)
+        delay = rules.crawl_delay(self.limits.user_agent)
+        if delay is not None:
+            self.gate.slow_down(host, delay)
+        reason = rules.verdict(url, self.limits.user_agent)
+        if reason is not None:
+            raise _Fail(reason)
+
+    def _send(self, host: str, url: str, deadline: float) -> requests.Response:
+        """``_request``, telling the host's breaker whether a response came."""
+        try:
+            resp = self._request(url, deadline)
+        except _Fail as f:
+            if f.unanswered:
+                self.breaker.unanswered(host)
+            raise
+        self.breaker.answered(host)
+        return resp
 
     # -- retries ----------------------------------------------------------------------------
     def _with_retries(self, url: str, store: ObjectStore | None, max_bytes: int | None = None) -> FetchOutcome:
@@ -411,11 +564,16 @@ class Fetcher:
             scheme = urlsplit(current).scheme.lower()
             if scheme not in ("http", "https"):
                 raise _Fail("redirect_blocked" if hop else "bad_url")
-            # every hop's address is checked when its connection is made (AddressGuard)
+            # every hop's address is checked when its connection is made (AddressGuard), and its
+            # breaker and robots.txt before that (the first hop's on every retry)
+            self._may_request(current, store)
             host = _host_key(current)
             self.gate.acquire(host, deadline, self.stop)
             try:
-                resp = self._request(current, deadline)
+                if self.breaker.is_open(host):  # it may have opened while this request queued
+                    raise _Fail("host_unresponsive")
+                out.requests += 1
+                resp = self._send(host, current, deadline)
                 try:
                     if resp.is_redirect:
                         location = resp.headers.get("Location", "")
@@ -439,15 +597,15 @@ class Fetcher:
         try:
             return self.session().get(url, stream=True, allow_redirects=False, timeout=timeout)
         except AddressRefused as e:
-            raise _Fail(e.reason) from None
+            raise _Fail(e.reason, refused=True) from None
         except requests.exceptions.SSLError:
             raise _Fail("tls_error") from None
         except requests.exceptions.Timeout:
-            raise _Fail("timeout", retry=True) from None
+            raise _Fail("timeout", retry=True, unanswered=True) from None
         except requests.exceptions.InvalidURL:
             raise _Fail("bad_url") from None
         except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError):
-            raise _Fail("connection_error", retry=True) from None
+            raise _Fail("connection_error", retry=True, unanswered=True) from None
         except requests.exceptions.RequestException:
             raise _Fail("bad_url") from None
 

@@ -43,6 +43,9 @@ def http_limits(cfg: CrawlConfig) -> HttpLimits:
         user_agent=h.user_agent,
         pool_size=max(h.workers, 4),
         allow_private=h.allow_private,
+        robots=cfg.robots,
+        robots_timeout_s=h.robots_timeout_s,
+        host_failures=h.host_failures,
     )
 
 
@@ -94,6 +97,7 @@ def run(cfg: CrawlConfig, retry_failed: bool = False) -> list[ClassReport]:
                 min_per_class=cfg.min_per_class,
                 progress=cfg.progress,
                 retry_failed=retry_failed,
+                class_budget_s=cfg.class_budget_s,
             )
             # the store's lock first: a second crawl on this folder is refused before it writes anything
             stack.enter_context(crawler.lock())
