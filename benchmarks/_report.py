@@ -2,7 +2,8 @@
 
 A speed figure means nothing without the machine that printed it, so every results file starts
 with the command, the CPU count and model, the torch version and the device. Tables worth keeping
-go to ``benchmarks/results/<script>.md``; toy-size runs go to the git-ignored ``benchmarks/out/``.
+go to ``benchmarks/results/<script>.md`` (``<script>-cuda.md`` from a GPU); toy-size runs go to the
+git-ignored ``benchmarks/out/``.
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ def machine(device: str) -> str:
     )
 
 
-def default_out(script: str, keep: bool = True) -> Path:
-    """``benchmarks/results/<stem>.md`` for a run worth keeping, ``benchmarks/out/<stem>.md`` for a toy one."""
-    return (RESULTS if keep else SCRATCH) / f"{Path(script).stem}.md"
+def default_out(script: str, keep: bool = True, device: str = "cpu") -> Path:
+    """``benchmarks/results/<stem>.md`` for a run worth keeping, ``benchmarks/out/<stem>.md`` for a toy one;
+    ``<stem>-cuda.md`` for a run on a GPU, so that it does not replace the CPU figures."""
+    suffix = "" if device == "cpu" else f"-{device}"
+    return (RESULTS if keep else SCRATCH) / f"{Path(script).stem}{suffix}.md"
 
 
 def report(out: str | Path, title: str, body: str, device: str) -> str:

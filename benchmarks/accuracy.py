@@ -21,8 +21,8 @@ Debian's ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``); noth
     python benchmarks/accuracy.py --epochs 60 --seeds 0 1 2 3 4    # a GPU
     python benchmarks/accuracy.py --quick --epochs 1 --seeds 0 --variants "KD (web)"   # a quick check
 
-The table goes to ``benchmarks/results/accuracy.md``; a run of some rows only (``--variants``) goes
-to ``benchmarks/out/accuracy.md`` (``--out`` to change either).
+The table goes to ``benchmarks/results/accuracy.md`` (on CUDA ``accuracy-cuda.md``); a run of some
+rows only (``--variants``) goes under ``benchmarks/out/`` (``--out`` to change either).
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ def main() -> None:
         + (f" ({reused} of {len(tasks)} runs reused from an earlier call)." if reused else ".")
     )
     text = "\n".join(lines) + "\n\n" + "\n".join(summary) + ("\n\n" if summary else "\n") + settings + "\n"
-    out = args.out or default_out(__file__, keep=not args.variants)
+    out = args.out or default_out(__file__, keep=not args.variants, device=device.type)
     report(out, "Student accuracy on the demo world", text, str(device))
 
 
