@@ -204,16 +204,17 @@ class HostGate:
                 raise Interrupted()
             if time.monotonic() > deadline:
                 raise _Fail("timeout")
-        # reserve the next start time for this host, then sleep until it comes
+        # reserve the next start time for this host, then sleep until it comes; a start past the
+        # deadline reserves nothing, or a burst of such URLs would push the host's next start ever later
         with self._lock:
             now = time.monotonic()
             start = max(now, self._next_start.get(host, now))
-            self._next_start[host] = start + self._delay.get(host, self.delay_s)
-        wait = start - time.monotonic()
-        if wait > 0:
             if start > deadline:
                 sem.release()
                 raise _Fail("timeout")
+            self._next_start[host] = start + self._delay.get(host, self.delay_s)
+        wait = start - time.monotonic()
+        if wait > 0:
             if stop.wait(wait):
                 sem.release()
                 raise Interrupted()

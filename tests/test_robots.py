@@ -93,6 +93,20 @@ def test_crawl_delay_spaces_requests_to_that_host(hostile: HostileServer, tmp_pa
     assert min(b - a for a, b in zip(starts, starts[1:], strict=False)) >= 0.95
 
 
+def test_urls_that_cannot_start_before_their_deadline_do_not_delay_later_ones(
+    hostile: HostileServer, tmp_path: Path
+) -> None:
+    hostile.routes["/robots.txt"] = text(b"User-agent: *\nCrawl-delay: 1\n")
+    bag = serve_images(hostile, [f"/b{i}.jpg" for i in range(4)])
+    trouser = serve_images(hostile, [f"/t{i}.jpg" for i in range(4)], blue=150)
+    # four at once, one start a second, 1.5 s each: two start in time, two time out waiting
+    first, second = crawl(
+        tmp_path / "c", tmp_path, fetcher_for(hostile, deadline_s=1.5), {"Bag": bag, "Trouser": trouser}
+    )
+    assert first.downloaded == 2 and first.failed == {"timeout": 2}
+    assert second.downloaded >= 1  # the waits that timed out reserved no start times
+
+
 @pytest.mark.parametrize("status", [404, 410, 401, 403])
 def test_a_4xx_robots_txt_allows_everything(hostile: HostileServer, tmp_path: Path, status: int) -> None:
     # RFC 9309 2.3.1.3: 4xx means "unavailable", so nothing is disallowed (401 and 403 included)
