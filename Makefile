@@ -24,6 +24,7 @@ data:
 	else echo "no apt-get: set world.source in params.yaml to a folder with the Fashion-MNIST idx files"; fi
 
 demo: venv data
+	kd3 check
 	dvc repro
 
 test: venv

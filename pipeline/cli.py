@@ -24,6 +24,7 @@ from pipeline.config import (
     LabelConfig,
     TeacherConfig,
     WorldConfig,
+    check_params,
     load_section,
     read_params,
     resolve_image_size,
@@ -203,6 +204,20 @@ def evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
     from pipeline import evaluate_stage
 
     _guarded(lambda: evaluate_stage.run(load_section(params, "evaluate", EvaluateConfig)))
+
+
+@app.command()
+def check(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Validate every section of the params file and the files it names (runs nothing).
+
+    Run it before ``dvc repro``: DVC parses params.yaml itself, without kd3's limits.
+    """
+
+    def go() -> None:
+        for note in check_params(params):
+            typer.echo(f"{params}: {note}")
+
+    _guarded(go)
 
 
 @app.command()

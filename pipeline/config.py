@@ -104,7 +104,7 @@ class CrawlConfig:
     oversample: float = knob(1.5, 1, 20)  # candidate URLs asked of each engine and query = per_class * oversample
     min_per_class: int = knob(1, 0, 100000)  # fewer downloaded images than this for a class is an error
     shard: str = "0/1"  # i/n: crawl only classes with index % n == i
-    urls_file: str | None = None  # TSV class <TAB> url, for engine "urls"
+    urls_file: str | None = "urls.tsv"  # TSV class <TAB> url, for engine "urls" (a dvc.yaml dependency)
     greedy_domains: list[str] = knob([])  # start pages for engine "greedy"
     greedy_max_pages: int = knob(50, 1, 100000)
     bing_base_url: str = "https://www.bing.com"
@@ -214,7 +214,7 @@ class EvaluateConfig:
     batch_size: int = knob(512, 1, 65536)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out_dir: str = "metrics"
-    student_dir: str | None = None  # the distill stage's out_dir: score the exported student too
+    student_dir: str | None = "data/distill"  # the distill stage's out_dir (the exported student); null: teacher only
 
 
 @dataclass(frozen=True)
@@ -274,25 +274,52 @@ class DistillConfig:
 # --------------------------------------------------------------------------------------------
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """Safe loader that refuses anchors/aliases."""
+MAX_PARAMS_DEPTH = 32  # nesting deeper than this is refused (params nest three levels)
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """The safe loader, stricter: no anchors/aliases, no duplicate or non-string keys, bounded depth.
+
+    PyYAML silently keeps the last of two equal keys and recurses once per nesting level; a params
+    file needs neither, so each is an error with its line.
+    """
+
+    depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise ConfigError(f"YAML aliases are not allowed (line {event.start_mark.line + 1})")
-        return super().compose_node(parent, index)
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise ConfigError(f"line {event.start_mark.line + 1}: YAML aliases are not allowed")
+        self.depth += 1
+        try:
+            if self.depth > MAX_PARAMS_DEPTH:
+                raise ConfigError(f"line {event.start_mark.line + 1}: nested more than {MAX_PARAMS_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, str):
+                raise ConfigError(f"line {line}: key {key!r} is not a name (write it as a string, or fix the indent)")
+            if key in seen:
+                raise ConfigError(f"line {line}: duplicate key {key!r} (first set on line {seen[key]})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_params(path: str | Path) -> dict[str, Any]:
-    """Read a params file with a size cap, the safe loader and no aliases."""
+    """Read a params file with a size cap and the strict safe loader (``_ParamsLoader``)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: params file not found")
     if p.stat().st_size > MAX_PARAMS_BYTES:
         raise ConfigError(f"{p}: params file larger than {MAX_PARAMS_BYTES} bytes, refused")
     try:
-        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_NoAliasLoader)  # noqa: S506 (safe subclass)
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_ParamsLoader)  # noqa: S506 (safe subclass)
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -583,3 +610,44 @@ def _distill_validate(self: DistillConfig, where: str) -> None:
 
 
 DistillConfig.validate = _distill_validate  # type: ignore[attr-defined]
+
+
+SECTIONS: dict[str, type] = {
+    "world": WorldConfig,
+    "crawl": CrawlConfig,
+    "clean": CleanConfig,
+    "teacher": TeacherConfig,
+    "label": LabelConfig,
+    "distill": DistillConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+def check_params(path: str | Path) -> list[str]:
+    """Validate every section of a params file and the input files it names; return notes for the user.
+
+    The same checks each stage makes when it starts, all at once, so a typo in ``distill`` is found
+    before a long crawl rather than after it. Raises ``ConfigError`` on the first problem.
+    """
+    data = read_params(path)
+    unknown = sorted(set(data) - set(SECTIONS), key=str)
+    if unknown:
+        raise ConfigError(f"{path}: {unknown[0]}: unknown section (valid: {', '.join(SECTIONS)})")
+    cfg = {name: load_section(path, name, cls) for name, cls in SECTIONS.items()}
+    crawl, teacher = cfg["crawl"], cfg["teacher"]
+    size = resolve_image_size(cfg["clean"], teacher.input_size, f"{path}: clean.image_size")
+    inputs = {"crawl.classes": crawl.classes, "teacher.classes": teacher.classes}
+    if "urls" in crawl.engines:
+        inputs["crawl.urls_file"] = crawl.urls_file
+    if teacher.checkpoint:
+        inputs["teacher.checkpoint"] = teacher.checkpoint
+    for key, file in inputs.items():
+        if file and not Path(file).is_file():
+            raise ConfigError(f"{path}: {key}: {file} does not exist")
+    teacher_note = teacher.checkpoint or "the demo teacher (checkpoint: null)"
+    return [
+        f"{len(SECTIONS)} sections valid",
+        f"crawl: engines {', '.join(crawl.engines)}, classes from {crawl.classes}",
+        f"teacher: {teacher_note}, {teacher.arch}, input {teacher.input_size} px; clean packs {size} px",
+        f"distill: {cfg['distill'].method}, student {cfg['distill'].student}, {cfg['distill'].epochs} epochs",
+    ]

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from pipeline.cli import app
 from pipeline.config import (
     CleanConfig,
     ConfigError,
@@ -64,7 +66,7 @@ def test_missing_section_gives_defaults(tmp_path: Path) -> None:
         ("crawl:\n  queries: ['{nam}']\n", r"crawl.queries: template '\{nam\}' has no \{name\}"),
         ("crawl:\n  shard: 3/2\n", r"crawl.shard: expected 0 <= i < n"),
         ("crawl:\n  progress: 'yes'\n", r"crawl.progress: expected true/false"),
-        ("crawl:\n  engines: [urls]\n", r"crawl.urls_file: required when engine 'urls'"),
+        ("crawl:\n  engines: [urls]\n  urls_file: null\n", r"crawl.urls_file: required when engine 'urls'"),
         ("crawl: [1, 2]\n", r"crawl: expected a mapping"),
         ("world:\n  mix: {correct: 0.5}\n", r"world.mix: fractions must sum to 1"),
         ("world:\n  first: 100\n  last: 50\n", r"world.last: must be greater than first"),
@@ -168,3 +170,37 @@ def test_the_packed_side_follows_the_teacher_unless_set() -> None:
     assert resolve_image_size(CleanConfig(image_size=64), 64) == 64
     with pytest.raises(ConfigError, match="clean.image_size: 48 is smaller than teacher.input_size 64"):
         resolve_image_size(CleanConfig(image_size=48), 64)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("crawl:\n  per_class: 10\n  per_class: 20\n", r"line 3: duplicate key 'per_class' \(first set on line 2\)"),
+        ("crawl:\n  1: 10\n", r"line 2: key 1 is not a name"),
+        ("crawl:\n  http:\n    null: 3\n", r"line 3: key None is not a name"),
+        ("crawl: " + "[" * 5000 + "]" * 5000 + "\n", r"line 1: nested more than 32 levels deep"),
+        ("crawl:" + "".join(f"\n{'  ' * i}k{i}:" for i in range(1, 60)) + " 1\n", r"nested more than 32 levels"),
+    ],
+)
+def test_params_yaml_pitfalls_are_errors_naming_file_and_line(tmp_path: Path, text: str, message: str) -> None:
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_section(p, "crawl", CrawlConfig)
+    assert str(e.value).startswith(str(p))
+
+
+def test_kd3_check_validates_every_section_and_the_files_they_name(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    write(tmp_path, "crawl: {per_class: 10}\n")
+    run = CliRunner().invoke
+    ok = run(app, ["check", "--params", "params.yaml"])
+    assert ok.exit_code == 0 and "7 sections valid" in ok.output and "clean packs 48 px" in ok.output
+    write(tmp_path, "crawl: {per_class: 10}\ndistill: {kd3: {tua: 0.9}}\n")  # a typo in a later stage
+    bad = run(app, ["check", "--params", "params.yaml"])
+    assert bad.exit_code == 2 and "distill.kd3.tua: unknown key" in bad.output
+    write(tmp_path, "crawl: {per_class: 10}\ntaecher: {}\n")
+    assert "taecher: unknown section" in run(app, ["check", "--params", "params.yaml"]).output
+    write(tmp_path, "teacher: {checkpoint: missing.pt}\n")
+    missing = run(app, ["check", "--params", "params.yaml"])
+    assert missing.exit_code == 2 and "teacher.checkpoint: missing.pt does not exist" in missing.output
