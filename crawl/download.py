@@ -505,8 +505,6 @@ class Fetcher:
     def _may_request(self, url: str, store: ObjectStore | None) -> None:
         """Raise ``_Fail`` when ``url`` must not be requested now: its host's breaker is open, or
         (for an image) its site's robots.txt disallows it or could not be read."""
-        if urlsplit(url).scheme.lower() not in ("http", "https"):
-            return  # the attempt itself refuses it with the right code
         host = _host_key(url)
         if self.breaker.is_open(host):
             raise _Fail("host_unresponsive")
