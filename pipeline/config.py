@@ -88,16 +88,13 @@ class MirrorConfig:
     port: int = knob(47611, 0, 65535)  # fixed, so URLs (and so resume) are stable across runs; 0 = any free port
 
 
-EngineName = Literal["bing", "baidu", "google", "flickr", "greedy", "urls", "mirror"]
-
-
 @dataclass(frozen=True)
 class CrawlConfig:
     """``crawl:`` — class names -> search queries -> engines -> downloaded, content-addressed images."""
 
     classes: str = "classes.txt"
     out_dir: str = "data/crawl"
-    engines: list[EngineName] = knob(["mirror"])
+    engines: list[str] = knob(["mirror"])  # registered engines (crawl/sources.py): bing, baidu, google, ...
     queries: list[str] = knob(["{name}", "{name} photo"])  # templates; {name} is the class name or a synonym
     synonyms: str | None = None  # optional TSV: class name <TAB> synonym (one per line)
     per_class: int = knob(300, 1, 100000)  # target number of downloaded images per class
@@ -389,14 +386,20 @@ def build(cls: type[T], raw: Any, where: str) -> T:
     return obj
 
 
-def _sections(provider: str) -> dict[str, type]:
-    """``"module:function"`` -> the ``{section name: dataclass}`` it returns (a plugin registry).
+def _registry(name: str) -> Any:
+    """``"module:attribute"``, imported when first needed: a registry of engines or methods.
 
-    Named, not imported here, so that only a section that has such a field loads the registry
-    (the distill methods import torch; ``kd3 crawl`` should not).
+    Named, not imported at the top, so that only the section that uses a registry loads it (the
+    distill methods import torch; ``kd3 crawl`` should not), and each stage's ``dvc.yaml`` deps
+    list the registry only where the stage's own code imports it.
     """
-    module, _, function = provider.partition(":")
-    return getattr(importlib.import_module(module), function)()
+    module, _, attribute = name.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def _sections(provider: str) -> dict[str, type]:
+    """The ``{section name: dataclass}`` a ``"module:function"`` registry returns."""
+    return _registry(provider)()
 
 
 def _type_name(tp: Any) -> str:
@@ -525,6 +528,10 @@ def parse_shard(text: str, where: str = "shard") -> tuple[int, int]:
 def _crawl_validate(self: CrawlConfig, where: str) -> None:
     if not self.engines:
         raise ConfigError(f"{where}.engines: at least one engine is needed")
+    engines = _registry("crawl.sources:SOURCES")  # the crawl stage imports it anyway; others need not
+    unknown = [e for e in self.engines if e not in engines]
+    if unknown:
+        raise ConfigError(f"{where}.engines: {unknown[0]!r} is not one of {', '.join(sorted(engines))}")
     if len(set(self.engines)) != len(self.engines):
         raise ConfigError(f"{where}.engines: an engine is listed twice")
     if not self.queries:

@@ -61,7 +61,7 @@ def test_missing_section_gives_defaults(tmp_path: Path) -> None:
         ),
         ("crawl:\n  per_class: 1e9\n", r"crawl.per_class: expected an integer"),  # (YAML reads 1e9 as a string)
         ("crawl:\n  per_class: 1000000000\n", r"crawl.per_class: 1000000000 is out of range"),
-        ("crawl:\n  engines: [bingo]\n", r"crawl.engines\[0\]: 'bingo' is not one of bing, baidu"),
+        ("crawl:\n  engines: [bingo]\n", r"crawl.engines: 'bingo' is not one of baidu, bing, flickr"),
         ("crawl:\n  engines: []\n", r"crawl.engines: at least one engine"),
         ("crawl:\n  queries: ['{nam}']\n", r"crawl.queries: template '\{nam\}' has no \{name\}"),
         ("crawl:\n  shard: 3/2\n", r"crawl.shard: expected 0 <= i < n"),
