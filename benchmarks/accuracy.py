@@ -251,7 +251,7 @@ def main() -> None:
         f"{args.jobs} runs in parallel; wall {time.time() - t_all:.0f} s"
         + (f" ({reused} of {len(tasks)} runs reused from an earlier call)." if reused else ".")
     )
-    text = "\n".join(lines) + "\n\n" + "\n".join(summary) + ("\n\n" if summary else "\n") + settings + "\n"
+    text = "\n\n".join(part for part in ("\n".join(lines), "\n".join(summary), settings) if part)
     out = args.out or default_out(__file__, keep=not args.variants, device=device.type)
     report(out, "Student accuracy on the demo world", text, str(device))
 
