@@ -111,7 +111,7 @@ def _unique_http(urls: Iterable[str]) -> list[str]:
     return out
 
 
-class _PagedSource(abc.ABC):
+class PagedSource(abc.ABC):
     """Shared loop: fetch result pages until ``max_num`` URLs or a page adds nothing new."""
 
     name = "paged"
@@ -174,7 +174,7 @@ def parse_bing_page(content: bytes) -> list[str]:
 
 
 @register_source("bing")
-class BingSource(_PagedSource):
+class BingSource(PagedSource):
     """Bing's async image results at ``SearchContext.bing_base_url``.
 
     The configured base URL's own ``host:port`` is allowed by the fetcher even if it is not a
@@ -238,7 +238,7 @@ def _parser(parser_cls: Any, ctx: SearchContext) -> Any:
 
 
 @register_source("baidu")
-class BaiduSource(_PagedSource):
+class BaiduSource(PagedSource):
     page_step = 30
 
     def page_url(self, query: str, offset: int) -> str:
@@ -249,7 +249,7 @@ class BaiduSource(_PagedSource):
 
 
 @register_source("google")
-class GoogleSource(_PagedSource):
+class GoogleSource(PagedSource):
     page_step = 100
 
     def page_url(self, query: str, offset: int) -> str:
@@ -265,7 +265,7 @@ class GoogleSource(_PagedSource):
 
 
 @register_source("flickr")
-class FlickrSource(_PagedSource):
+class FlickrSource(PagedSource):
     page_step = 100
 
     def __init__(self, ctx: SearchContext) -> None:
