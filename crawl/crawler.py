@@ -328,14 +328,14 @@ class Crawler:
                 while len(inflight) < self.workers and report.downloaded + len(inflight) < self.per_class:
                     if over_budget():
                         break
-                    c = next(it, None)
-                    if c is None:
+                    nxt = next(it, None)
+                    if nxt is None:
                         break
-                    prior = known.get(c.url)
+                    prior = known.get(nxt.url)
                     if prior is not None:  # fetched already for another class: no second request
-                        record(c, **_outcome_fields(prior))
+                        record(nxt, **_outcome_fields(prior))
                         continue
-                    inflight[pool.submit(self.fetcher.download, c.url, self.store)] = c
+                    inflight[pool.submit(self.fetcher.download, nxt.url, self.store)] = nxt
                 if not inflight:
                     break
                 done, _ = wait(inflight, return_when=FIRST_COMPLETED)
@@ -434,7 +434,7 @@ def summary_table(reports: list[ClassReport]) -> str:
         deferred = sum(sum(r.deferred.values()) for r in rs)
         return (str(found), *(str(sum(getattr(r, k) for r in rs)) for k in keys), str(failed), str(deferred))
 
-    rows = [head]
+    rows: list[tuple[str, ...]] = [head]
     total_failed: Counter[str] = Counter()
     total_deferred: Counter[str] = Counter()
     for r in reports:

@@ -36,6 +36,7 @@ Used by ``crawl.crawler`` and the engines in ``crawl.sources``.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import ipaddress
 import logging
@@ -105,7 +106,7 @@ class FetchOutcome:
     final_url: str | None = None
     attempts: int = 0
     requests: int = 0  # HTTP requests sent (0: refused before any, e.g. by robots.txt or an open breaker)
-    body: bytes | None = None  # only for get_page
+    body: builtins.bytes | None = None  # only for get_page (the field above shadows the builtin)
 
 
 class Interrupted(Exception):
@@ -344,7 +345,7 @@ class AddressGuard:
         if self.allow_private or (name, port) in self._allowed:
             return infos
         for info in infos:
-            ip = _ip(info[4][0])
+            ip = _ip(str(info[4][0]))
             problem = address_problem(ip)
             if problem is not None:
                 raise AddressRefused(problem, host, str(ip))

@@ -197,9 +197,9 @@ def resize_square(img: Image.Image | np.ndarray, size: int, mode: str) -> np.nda
     """Image -> (size, size, 3) uint8 keeping the aspect ratio (centre crop, or white padding)."""
     im = Image.fromarray(img) if isinstance(img, np.ndarray) else img
     if mode == "crop":
-        out = ImageOps.fit(im, (size, size), Image.BICUBIC, centering=(0.5, 0.5))
+        out = ImageOps.fit(im, (size, size), Image.Resampling.BICUBIC, centering=(0.5, 0.5))
     else:
-        out = ImageOps.pad(im, (size, size), Image.BICUBIC, color=(255, 255, 255), centering=(0.5, 0.5))
+        out = ImageOps.pad(im, (size, size), Image.Resampling.BICUBIC, color=(255, 255, 255), centering=(0.5, 0.5))
     return np.asarray(out, dtype=np.uint8)
 
 
@@ -233,10 +233,10 @@ def analyze_file(path: str | Path, params: AnalyzeParams, sha256: str | None = N
     if factor >= 2:  # a large PNG/WebP: box-reduce first, every product below is far smaller
         img = img.reduce(factor)
     hs = params.hash_size
-    grey = img.convert("L").resize((hs * 4, hs * 4), Image.LANCZOS)  # what imagehash.phash resizes to
+    grey = img.convert("L").resize((hs * 4, hs * 4), Image.Resampling.LANCZOS)  # what imagehash.phash resizes to
     ph = imagehash.phash(grey, hash_size=hs)
-    small_rgb = np.asarray(img.resize((STATS, STATS), Image.BILINEAR), dtype=np.uint8).reshape(-1, 3)
-    hist = np.bincount(np.asarray(grey.resize((STATS, STATS), Image.BILINEAR)).ravel(), minlength=256)
+    small_rgb = np.asarray(img.resize((STATS, STATS), Image.Resampling.BILINEAR), dtype=np.uint8).reshape(-1, 3)
+    hist = np.bincount(np.asarray(grey.resize((STATS, STATS), Image.Resampling.BILINEAR)).ravel(), minlength=256)
     prob = hist[hist > 0] / hist.sum()
     return {
         "reason": None,

@@ -70,7 +70,7 @@ class MirrorServer(ThreadingHTTPServer):
     @property
     def base_url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def log_request_line(self, entry: dict[str, Any]) -> None:
         with self._log_lock:

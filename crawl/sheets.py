@@ -29,7 +29,7 @@ def contact_sheet(
     for r, row in enumerate(rows):
         for c, (img, caption) in enumerate(row):
             x, y = 4 + c * (tile + 4), head + 4 + r * (tile + CAPTION + 6)
-            thumb = Image.fromarray(img).resize((tile, tile), Image.BILINEAR)
+            thumb = Image.fromarray(img).resize((tile, tile), Image.Resampling.BILINEAR)
             sheet.paste(thumb, (x, y))
             if outline_first and c == 0 and len(row) > 1:
                 draw.rectangle((x - 2, y - 2, x + tile + 1, y + tile + 1), outline=(0, 160, 0), width=2)

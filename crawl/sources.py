@@ -165,7 +165,7 @@ def parse_bing_page(content: bytes) -> list[str]:
         if a is None:
             continue
         try:
-            meta = json.loads(html.unescape(a["m"]))
+            meta = json.loads(html.unescape(str(a["m"])))
         except (json.JSONDecodeError, TypeError):
             continue
         if isinstance(meta, dict) and isinstance(meta.get("murl"), str):
@@ -299,7 +299,7 @@ class GreedySource:
         starts = [d.replace("{query}", quote_plus(query)) for d in self.ctx.greedy_domains]
         domains = [urlsplit(s).netloc for s in starts]
         parser = _parser(GreedyParser, self.ctx)
-        todo, seen_pages, images = list(starts), set(starts), []
+        todo, seen_pages, images = list(starts), set(starts), list[str]()
         pages = 0
         while todo and pages < self.ctx.greedy_max_pages and len(images) < max_num:
             url = todo.pop(0)

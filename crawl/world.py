@@ -148,9 +148,9 @@ def _finish(canvas: Image.Image, rng: np.random.Generator, p: RenderParams, scal
     """Blur and sensor noise, shared by photos and junk."""
     if p.max_blur > 0 and rng.random() < p.blur_prob:
         canvas = canvas.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, p.max_blur)) * scale))
-    arr = np.asarray(canvas, dtype=np.float32)
+    arr: np.ndarray = np.asarray(canvas, dtype=np.float32)
     if p.noise_std > 0:
-        arr = arr + rng.normal(0, rng.uniform(0, p.noise_std), size=arr.shape)
+        arr = arr + rng.normal(0, rng.uniform(0, p.noise_std), size=arr.shape)  # float64 from here
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
@@ -170,9 +170,11 @@ def render_item(item: np.ndarray, rng: np.random.Generator, p: RenderParams) -> 
     alpha = np.clip(shade * 3.0, 0, 1) * 255
     obj = Image.fromarray(np.dstack([rgb, alpha]).clip(0, 255).astype(np.uint8), "RGBA")
     side = max(4, round(min(width, height) * rng.uniform(*p.object_scale)))
-    obj = obj.resize((side, side), Image.BILINEAR)
+    obj = obj.resize((side, side), Image.Resampling.BILINEAR)
     if p.max_rotation_deg > 0:
-        obj = obj.rotate(float(rng.uniform(-p.max_rotation_deg, p.max_rotation_deg)), Image.BILINEAR, expand=True)
+        obj = obj.rotate(
+            float(rng.uniform(-p.max_rotation_deg, p.max_rotation_deg)), Image.Resampling.BILINEAR, expand=True
+        )
     cx = width / 2 + rng.uniform(-p.max_shift, p.max_shift) * width
     cy = height / 2 + rng.uniform(-p.max_shift, p.max_shift) * height
     canvas.paste(obj, (round(cx - obj.width / 2), round(cy - obj.height / 2)), obj)
@@ -225,7 +227,7 @@ def reupload(data: bytes, rng: np.random.Generator, p: RenderParams) -> Image.Im
     dx, dy = int(w * rng.uniform(0, 0.06)), int(h * rng.uniform(0, 0.06))
     img = img.crop((dx, dy, w - int(w * rng.uniform(0, 0.06)), h - int(h * rng.uniform(0, 0.06))))
     factor = rng.uniform(0.7, 1.4)
-    return img.resize((max(8, round(img.width * factor)), max(8, round(img.height * factor))), Image.BICUBIC)
+    return img.resize((max(8, round(img.width * factor)), max(8, round(img.height * factor))), Image.Resampling.BICUBIC)
 
 
 # --------------------------------------------------------------------------------------------

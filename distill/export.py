@@ -22,11 +22,16 @@ from kd3util import atomic_path, sha256_file, write_json
 
 
 class Deployable(nn.Module):
+    """The exported student: normalisation baked in, the training-only head removed."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, student: nn.Module, mean: list[float], std: list[float]) -> None:
         super().__init__()
         self.student = copy.deepcopy(student).cpu().eval()
         if getattr(self.student, "head", None) is not None:
-            self.student.head = None  # training-only contrastive head
+            self.student.head = None  # type: ignore[assignment]  # training-only contrastive head
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 

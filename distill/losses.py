@@ -46,16 +46,6 @@ def kd_logit(
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * t * t
 
 
-def align_maps(student_map: torch.Tensor, teacher_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Spatial alignment before the projector: pool the larger map down."""
-    hs, ht = student_map.shape[-1], teacher_map.shape[-1]
-    if hs > ht:
-        student_map = F.adaptive_avg_pool2d(student_map, teacher_map.shape[-2:])
-    elif ht > hs:
-        teacher_map = F.adaptive_avg_pool2d(teacher_map, student_map.shape[-2:])
-    return student_map, teacher_map
-
-
 def feature_align(
     projected: torch.Tensor,
     teacher_map: torch.Tensor,

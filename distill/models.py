@@ -290,7 +290,7 @@ class TorchvisionModel(Backbone):
         for table in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
             object.__setattr__(self, table, getattr(net, table))  # the same dicts: one set of weights, its keys
         object.__setattr__(self, "_version", net._version)  # the state-dict metadata torchvision's loaders read
-        self.family, self.classifier = _torchvision_head(net)
+        self.family, self.classifier = _torchvision_head(net)  # type: ignore[assignment]  # None: logit-only
         self._features: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by set_feature_access
         self.register_load_state_dict_pre_hook(_accept_prefixed_layout)
 
@@ -298,7 +298,7 @@ class TorchvisionModel(Backbone):
         if name in ("net", "classifier"):  # references into the shared tables, never submodules of their own
             object.__setattr__(self, name, value)
         else:
-            super().__setattr__(name, value)
+            super().__setattr__(name, value)  # type: ignore[arg-type]
 
     def get_submodule(self, target: str) -> nn.Module:
         # by torchvision's names: ``classifier`` here is the final Linear, torchvision's may be a Sequential;
@@ -361,8 +361,9 @@ def _torchvision_head(net: nn.Module) -> tuple[str | None, nn.Linear | None]:
     from torchvision import models as tv
 
     def seq_head(seq: nn.Module) -> nn.Linear | None:  # Sequential(Dropout, Linear), as torchvision builds it
-        ok = isinstance(seq, nn.Sequential) and len(seq) == 2 and isinstance(seq[0], nn.Dropout)
-        return seq[1] if ok and isinstance(seq[1], nn.Linear) else None
+        if not (isinstance(seq, nn.Sequential) and len(seq) == 2 and isinstance(seq[0], nn.Dropout)):
+            return None
+        return seq[1] if isinstance(seq[1], nn.Linear) else None
 
     if isinstance(net, tv.ResNet) and isinstance(net.fc, nn.Linear):  # also ResNeXt and Wide ResNet
         return "resnet", net.fc
@@ -400,14 +401,14 @@ def _convnext_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     the normalised pooled vector: ``Linear(GAP(map))`` are the logits, and the map keeps the last
     stage's spatial layout.
     """
-    feats = net.features(x)
-    norm = net.classifier[0]
+    feats = net.features(x)  # type: ignore[operator]
+    norm: nn.LayerNorm = net.classifier[0]  # type: ignore[index,assignment]
     pooled = feats.mean((2, 3), keepdim=True)
     mu = pooled.mean(1, keepdim=True)
     var = pooled.var(1, keepdim=True, unbiased=False)
     out = (feats - mu) * torch.rsqrt(var + norm.eps)
     if norm.weight is not None:
-        out = out * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+        out = out * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)  # elementwise_affine
     return out
 
 
@@ -457,7 +458,7 @@ def set_feature_access(model: Backbone, feature_layer: str, classifier_layer: st
         return captured.pop("f")
 
     model.classifier = head  # type: ignore[assignment]
-    model._features = features  # type: ignore[attr-defined]
+    model._features = features  # type: ignore[assignment]
     was_training = model.training
     model.eval()
     with torch.no_grad():

@@ -268,6 +268,9 @@ class Teacher(nn.Module):
     the last-stage feature map (KD³), when the architecture exposes one.
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
         super().__init__()
         self.model = model

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from torch import nn
 from distill.data import ImagePool, random_grayscale, random_resized_crop, to_float, uint8_to_float
 from distill.settings import Augment, Runtime, Schedule
 from kd3util import atomic_path, progress_bar
+
+if TYPE_CHECKING:
+    from distill.teacher import Teacher
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ class Method(nn.Module):
     name = "method"  # set by distill.methods.register_method, with Options
     Options: type = object
     selection_view = "clean"  # the view select() scores: "clean" (cached teacher logits) or "augmented"
-    teacher: nn.Module
+    teacher: Teacher
     student: nn.Module
 
     def needs_student_logits(self, epoch: int) -> bool:

@@ -640,7 +640,7 @@ def check_params(path: str | Path) -> list[str]:
     unknown = sorted(set(data) - set(SECTIONS), key=str)
     if unknown:
         raise ConfigError(f"{path}: {unknown[0]}: unknown section (valid: {', '.join(SECTIONS)})")
-    cfg = {name: load_section(path, name, cls) for name, cls in SECTIONS.items()}
+    cfg: dict[str, Any] = {name: load_section(path, name, cls) for name, cls in SECTIONS.items()}
     crawl, teacher = cfg["crawl"], cfg["teacher"]
     size = resolve_image_size(cfg["clean"], teacher.input_size, f"{path}: clean.image_size")
     inputs = {"crawl.classes": crawl.classes, "teacher.classes": teacher.classes}

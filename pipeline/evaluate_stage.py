@@ -129,13 +129,13 @@ def _student(
         t_web = predict(teacher, web, **{**kw, "device": device}).argmax(1)  # the teacher loaded once, in run()
         metrics["agreement_heldout_web"] = round(float((predict(model, web, **kw).argmax(1) == t_web).mean()), 4)
     write_json(out / "student.json", metrics)
-    web = f"{metrics.get('agreement_heldout_web', float('nan')):.4f} on {len(rows)} held-out web images"
+    on_web = f"{metrics.get('agreement_heldout_web', float('nan')):.4f} on {len(rows)} held-out web images"
     if labelled is not None:
         print(
             f"evaluate: student accuracy {metrics['student_accuracy']:.4f}, agreement with the teacher "
-            f"{metrics['agreement_eval']:.4f} (eval set), {web}",
+            f"{metrics['agreement_eval']:.4f} (eval set), {on_web}",
             file=sys.stderr,
         )
     else:
-        print(f"evaluate: student agreement with the teacher {web}", file=sys.stderr)
+        print(f"evaluate: student agreement with the teacher {on_web}", file=sys.stderr)
     return metrics

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from distill.losses import (
-    align_maps,
     alpha_schedule,
     class_thresholds,
     feature_align,
@@ -52,13 +51,6 @@ def test_feature_align_weights_and_gradients(g: torch.Generator) -> None:
     loss.backward()
     assert proj.grad is not None and ft.grad is None and s_logits.grad is None  # weights carry no gradient
     assert feature_align(ft.detach(), ft.detach(), s_logits, t_logits) == 0
-
-
-def test_align_maps_pools_the_larger_map() -> None:
-    s, t = align_maps(torch.rand(2, 4, 8, 8), torch.rand(2, 6, 4, 4))
-    assert s.shape == (2, 4, 4, 4) and t.shape == (2, 6, 4, 4)
-    s, t = align_maps(torch.rand(2, 4, 2, 2), torch.rand(2, 6, 4, 4))
-    assert s.shape[-1] == t.shape[-1] == 2
 
 
 def test_instance_align_is_low_for_matching_views_and_log_2b_minus_1_for_identical_embeddings(

@@ -164,7 +164,7 @@ class KD3Loss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         projected = clean["projected"]
         if teacher_map.shape[-1] > projected.shape[-1]:  # the teacher map is pooled to the student's size
-            teacher_map = F.adaptive_avg_pool2d(teacher_map, projected.shape[-2:])
+            teacher_map = F.adaptive_avg_pool2d(teacher_map, (projected.shape[-2], projected.shape[-1]))
         if self.feature_weighting:
             fa = feature_align(projected, teacher_map, clean["logits"], teacher_logits)
         else:
@@ -189,6 +189,9 @@ class KD3Method(Method):
     KD³ term reaches a classifier; ``feature_weighting`` -> w = 1 (plain MSE);
     ``mixdistribution`` -> no perturbed view and no instance term.
     """
+
+    student: KD3Student
+    loss_fn: KD3Loss
 
     def __init__(
         self,
