@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +132,9 @@ def imagededup_pairs(hashes: np.ndarray, threshold: int) -> tuple[float, set[tup
 
     enc = {str(i): f"{int(v):016x}" for i, v in enumerate(hashes[:, 0])}
     t0 = time.perf_counter()
-    found = PHash(verbose=False).find_duplicates(encoding_map=enc, max_distance_threshold=threshold)
+    with warnings.catch_warnings():  # it warns that its default worker count does not apply to given hashes
+        warnings.filterwarnings("ignore", "Parameter num_enc_workers has no effect", RuntimeWarning)
+        found = PHash(verbose=False).find_duplicates(encoding_map=enc, max_distance_threshold=threshold)
     elapsed = time.perf_counter() - t0
     pairs = {(min(int(a), int(b)), max(int(a), int(b))) for a, dups in found.items() for b in dups}
     return elapsed, pairs

@@ -53,6 +53,7 @@ def test_every_benchmark_says_what_it_needs_and_where_its_table_goes(tmp_path: P
     assert not (tmp_path / "benchmarks").exists()  # nothing written when the inputs are missing
 
 
+@pytest.mark.slow
 def test_crawl_speed_writes_its_table(tiny_world: Path, tmp_path: Path) -> None:
     """A real run over loopback (ours and icrawler) writes the printed table, machine line included."""
     out = tmp_path / "results" / "crawl_speed.md"
