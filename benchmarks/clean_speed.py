@@ -15,8 +15,8 @@ so run ``make demo`` first, and imagededup for the comparison column (``pip inst
 without it only our side runs). Only imagededup's hashing module is used, which downloads nothing
 (its CNN module fetches MobileNet weights only when a ``CNN`` is built). Run from the repository root:
 
-    .venv/bin/python benchmarks/clean_speed.py                              # about 3 minutes on 2 cores
-    .venv/bin/python benchmarks/clean_speed.py --images 300 --sizes 10000   # a quick check
+    .venv/bin/python benchmarks/clean_speed.py      # about a minute on 2 cores
+    .venv/bin/python benchmarks/clean_speed.py --images 300 --sizes 10000 --out benchmarks/out/clean_speed.md
 
 The table goes to ``benchmarks/results/clean_speed.md`` (``--out`` to change).
 """
