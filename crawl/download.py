@@ -59,35 +59,13 @@ import urllib3.util.connection
 from PIL import Image
 
 from crawl.robots import ROBOTS_MAX_BYTES, RobotsCache, RobotsFetch
+from crawl.settings import HttpLimits
 from crawl.store import DiskFullError, ObjectStore
 
 log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
 SNIFF_BYTES = 512  # enough for magic numbers and an XML prolog before <svg
-
-
-@dataclass(frozen=True)
-class HttpLimits:
-    """Limits for one URL; see ``pipeline.config.HttpConfig`` for the documented defaults."""
-
-    per_host_concurrency: int = 2
-    per_host_delay_s: float = 1.0
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 10.0
-    deadline_s: float = 30.0
-    max_bytes: int = 20_000_000
-    max_redirects: int = 5
-    retries: int = 3
-    backoff_s: float = 1.0
-    max_retry_after_s: float = 60.0
-    user_agent: str = "kd3/0.1"
-    pool_size: int = 8
-    allow_private: bool = False  # let requests reach non-public addresses (an intranet crawl, tests)
-    allow_hosts: tuple[str, ...] = ()  # "host:port" endpoints allowed even when non-public ("[::1]:8080")
-    robots: bool = False  # honour robots.txt for image downloads (the crawl stage: crawl.robots, on by default)
-    robots_timeout_s: float = 10.0  # total time for one robots.txt, redirects included
-    host_failures: int = 5  # consecutive unanswered attempts that give up on a host for the run; 0 = never
 
 
 @dataclass

@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from crawl.settings import HttpLimits
 from crawl.world import RenderParams, WorldMix
 from distill.settings import Augment, Runtime, Schedule
 from kd3util import knob, same_as
@@ -60,23 +61,23 @@ class WorldConfig:
 
 @dataclass(frozen=True)
 class HttpConfig:
-    """Downloader limits. The defaults are polite for the real web; the demo relaxes them for the mirror."""
+    """``crawl.http``: the downloader's limits (``crawl.download.HttpLimits``) and its thread count."""
 
     workers: int = knob(8, 1, 256)  # download threads
-    per_host_concurrency: int = knob(2, 1, 64)  # simultaneous requests to one host
-    per_host_delay_s: float = knob(1.0, 0, 60)  # minimum spacing between request starts to one host
-    connect_timeout_s: float = knob(5.0, 0.01, 120, lo_open=True)
-    read_timeout_s: float = knob(10.0, 0.01, 300, lo_open=True)
-    deadline_s: float = knob(30.0, 0.01, 3600, lo_open=True)  # total time for one URL, retries included
-    max_bytes: int = knob(20_000_000, 1, 1_000_000_000)  # byte cap per image, header and stream
-    max_redirects: int = knob(5, 0, 20)
-    retries: int = knob(3, 1, 10)  # attempts per URL in one run
-    backoff_s: float = knob(1.0, 0, 60)  # base of the exponential backoff (full jitter)
-    max_retry_after_s: float = knob(60.0, 0, 3600)  # Retry-After is honoured up to this
-    user_agent: str = "kd3/0.1 (+https://github.com/kd3-project/kd3)"
-    allow_private: bool = False  # fetch from loopback, link-local and private addresses (your own intranet server)
-    host_failures: int = knob(5, 0, 1000)  # consecutive unanswered requests that skip a host for the run; 0 = off
-    robots_timeout_s: float = knob(10.0, 0.01, 300, lo_open=True)  # total time to fetch one robots.txt
+    per_host_concurrency: int = same_as(HttpLimits, "per_host_concurrency")
+    per_host_delay_s: float = same_as(HttpLimits, "per_host_delay_s")
+    connect_timeout_s: float = same_as(HttpLimits, "connect_timeout_s")
+    read_timeout_s: float = same_as(HttpLimits, "read_timeout_s")
+    deadline_s: float = same_as(HttpLimits, "deadline_s")
+    max_bytes: int = same_as(HttpLimits, "max_bytes")
+    max_redirects: int = same_as(HttpLimits, "max_redirects")
+    retries: int = same_as(HttpLimits, "retries")
+    backoff_s: float = same_as(HttpLimits, "backoff_s")
+    max_retry_after_s: float = same_as(HttpLimits, "max_retry_after_s")
+    user_agent: str = same_as(HttpLimits, "user_agent")
+    allow_private: bool = same_as(HttpLimits, "allow_private")
+    host_failures: int = same_as(HttpLimits, "host_failures")
+    robots_timeout_s: float = same_as(HttpLimits, "robots_timeout_s")
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ class CrawlConfig:
     bing_base_url: str = "https://www.bing.com"
     flickr_api_key_env: str = "FLICKR_API_KEY"  # the key is read from this environment variable
     progress: bool = True
-    robots: bool = True  # honour each site's robots.txt for image downloads; false for sources you own
+    robots: bool = same_as(HttpLimits, "robots")  # honour each site's robots.txt; false for sources you own
     class_budget_s: float | None = knob(None, 0, lo_open=True)  # download time per class and run; null = no limit
     http: HttpConfig = field(default_factory=HttpConfig)
     mirror: MirrorConfig = field(default_factory=MirrorConfig)

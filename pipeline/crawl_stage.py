@@ -20,7 +20,7 @@ from crawl.crawler import ClassReport, Crawler, CrawlError, peak_rss_mb, summary
 from crawl.download import Fetcher, HttpLimits
 from crawl.mirror import MirrorServer
 from crawl.sources import SearchContext, make_source
-from kd3util import sigterm_as_interrupt, write_json
+from kd3util import pick, sigterm_as_interrupt, write_json
 from pipeline.artifacts.crawl import CrawlStore
 from pipeline.config import CrawlConfig, parse_shard
 
@@ -28,25 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def http_limits(cfg: CrawlConfig) -> HttpLimits:
-    h = cfg.http
-    return HttpLimits(
-        per_host_concurrency=h.per_host_concurrency,
-        per_host_delay_s=h.per_host_delay_s,
-        connect_timeout_s=h.connect_timeout_s,
-        read_timeout_s=h.read_timeout_s,
-        deadline_s=h.deadline_s,
-        max_bytes=h.max_bytes,
-        max_redirects=h.max_redirects,
-        retries=h.retries,
-        backoff_s=h.backoff_s,
-        max_retry_after_s=h.max_retry_after_s,
-        user_agent=h.user_agent,
-        pool_size=max(h.workers, 4),
-        allow_private=h.allow_private,
-        robots=cfg.robots,
-        robots_timeout_s=h.robots_timeout_s,
-        host_failures=h.host_failures,
-    )
+    """``crawl.http`` as the downloader's limits: at least one pooled connection per thread."""
+    return pick(HttpLimits, cfg.http, pool_size=max(cfg.http.workers, 4), robots=cfg.robots)
 
 
 def run(cfg: CrawlConfig, retry_failed: bool = False) -> list[ClassReport]:

@@ -33,6 +33,7 @@ LIMITS = HttpLimits(
     deadline_s=2.0,
     allow_private=True,  # the loopback servers stand in for public hosts
     host_failures=3,
+    robots=False,  # the breaker alone (tests/test_robots.py: robots.txt)
 )
 
 

@@ -112,7 +112,7 @@ def test_flags_override_params(project: Path) -> None:
     [
         (["--per-class", "0"], "--per-class: expected an integer >= 1"),
         (["--shard", "2/2"], "crawl.shard: expected 0 <= i < n"),
-        (["--engine", "yahoo"], "crawl.engines[0]: 'yahoo' is not one of"),
+        (["--engine", "yahoo"], "crawl.engines: 'yahoo' is not one of"),
         (["--classes", "/nonexistent/classes.txt"], "/nonexistent/classes.txt: class file not found"),
     ],
 )

@@ -29,6 +29,7 @@ FAST = HttpLimits(
     backoff_s=0.05,
     max_retry_after_s=3.0,
     allow_private=True,  # the loopback servers here stand in for the public web (tests/test_ssrf.py: the check)
+    robots=False,  # the download mechanics alone (tests/test_robots.py: robots.txt)
 )
 
 
