@@ -47,8 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _report import default_out, report, require  # noqa: E402
 
-from crawl.world import load_fashion_mnist  # noqa: E402
-from distill.data import fashion_mnist_rgb32, resolve_device  # noqa: E402
+from demo.fashion_mnist import fashion_mnist_rgb32, load_fashion_mnist  # noqa: E402
+from distill.data import resolve_device  # noqa: E402
 from distill.export import load_exported  # noqa: E402
 from distill.label import predict  # noqa: E402
 from pipeline import distill_stage  # noqa: E402

@@ -35,8 +35,8 @@ from _report import default_out, report, require  # noqa: E402
 from crawl.classes import parse_classes  # noqa: E402
 from crawl.crawler import Crawler  # noqa: E402
 from crawl.download import Fetcher, HttpLimits  # noqa: E402
-from crawl.mirror import MirrorServer  # noqa: E402
 from crawl.sources import SearchContext, make_source  # noqa: E402
+from demo.mirror import MirrorServer  # noqa: E402
 
 
 def image_urls(world: Path, base: str, limit: int) -> list[str]:

@@ -45,15 +45,6 @@ def batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + batch_size))
 
 
-def fashion_mnist_rgb32(images: np.ndarray) -> np.ndarray:
-    """The demo teacher's input distribution: 28x28 grey padded with 2 black pixels, replicated to RGB.
-
-    (N, 28, 28) uint8 -> (N, 32, 32, 3) uint8.
-    """
-    padded = np.pad(images, ((0, 0), (2, 2), (2, 2)))
-    return np.repeat(padded[..., None], 3, axis=3)
-
-
 # --------------------------------------------------------------------------------------------
 # training data: the packed pool, batched augmentation, held-out rows
 # --------------------------------------------------------------------------------------------

@@ -278,7 +278,7 @@ def mirror_serve(
     delay: Annotated[float, typer.Option(help="added latency per image response, seconds")] = 0.0,
 ) -> None:
     """Serve a world: Bing-format search pages at /images/async and the images at /img/."""
-    from crawl.mirror import MirrorServer
+    from demo.mirror import MirrorServer
 
     try:
         server = MirrorServer(world_dir, host, port, log, delay_s=delay)

@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from crawl.settings import HttpLimits
-from crawl.world import RenderParams, WorldMix
+from demo.settings import RenderParams, WorldMix
 from distill.settings import Augment, Runtime, Schedule
 from kd3util import knob, same_as
 
@@ -212,7 +212,7 @@ class EvaluateConfig:
     batch_size: int = knob(512, 1, 65536)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     out_dir: str = "metrics"
-    student_dir: str | None = "data/distill"  # the distill stage's out_dir (the exported student); null: teacher only
+    student_dir: str | None = None  # the distill stage's out_dir: score the exported student too (null: teacher only)
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from pathlib import Path
 from crawl.classes import build_queries, read_classes, read_synonyms, select_shard
 from crawl.crawler import ClassReport, Crawler, CrawlError, peak_rss_mb, summary_table
 from crawl.download import Fetcher, HttpLimits
-from crawl.mirror import MirrorServer
 from crawl.sources import SearchContext, make_source
+from demo.mirror import MirrorServer
 from kd3util import pick, sigterm_as_interrupt, write_json
 from pipeline.artifacts.crawl import CrawlStore
 from pipeline.config import CrawlConfig, parse_shard

@@ -60,8 +60,7 @@ def load_eval_set(
         images, labels, skipped = load_image_folder(Path(eval_dir), classes, size)
         source = eval_dir
     elif fashion_mnist:
-        from crawl.world import load_fashion_mnist
-        from distill.data import fashion_mnist_rgb32
+        from demo.fashion_mnist import fashion_mnist_rgb32, load_fashion_mnist
 
         raw, labels = load_fashion_mnist(fashion_mnist, "test")
         images = fashion_mnist_rgb32(raw)

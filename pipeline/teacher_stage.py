@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from crawl.classes import read_classes
-from crawl.world import load_fashion_mnist
-from distill.data import fashion_mnist_rgb32, resolve_device
+from demo.fashion_mnist import fashion_mnist_rgb32, load_fashion_mnist
+from distill.data import resolve_device
 from distill.models import build_model
 from distill.supervised import train_classifier
 from distill.teacher import load_teacher

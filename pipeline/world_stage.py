@@ -1,4 +1,4 @@
-"""Stage ``world``: build the offline demo web (``crawl.world``) from Fashion-MNIST.
+"""Stage ``world``: build the offline demo web (``demo.world``) from Fashion-MNIST.
 
 Reads ``world:`` and ``crawl.engines``. When no crawl engine is ``mirror`` (real use), the stage
 does no demo work: it reads no Fashion-MNIST and writes only a marker index, so ``dvc repro`` on a
@@ -13,7 +13,8 @@ import shutil
 from pathlib import Path
 
 from crawl.classes import read_classes
-from crawl.world import build_world, load_fashion_mnist
+from demo.fashion_mnist import load_fashion_mnist
+from demo.world import build_world
 from pipeline.config import CrawlConfig, WorldConfig
 
 log = logging.getLogger(__name__)

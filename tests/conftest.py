@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crawl.mirror import MirrorServer
-from crawl.world import RenderParams, WorldMix, build_world
+from demo.mirror import MirrorServer
+from demo.settings import RenderParams, WorldMix
+from demo.world import build_world
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from crawl.mirror import MirrorServer
+from demo.mirror import MirrorServer
 from pipeline.cli import app
 
 from conftest import TINY_CLASSES, free_port, synthetic_items, write_idx

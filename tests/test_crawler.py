@@ -18,9 +18,9 @@ from crawl.classes import build_queries, parse_classes
 from crawl.crawler import Crawler, CrawlError, summary_table
 from crawl.download import Fetcher, HttpLimits
 from crawl.manifest import latest_records
-from crawl.mirror import MirrorServer
 from crawl.sources import SearchContext, make_source
 from crawl.store import ObjectStore, StoreLockedError
+from demo.mirror import MirrorServer
 
 from conftest import REPO, TINY_CLASSES, HostileServer, jpeg_bytes, make_world, read_jsonl, respond, sequence
 

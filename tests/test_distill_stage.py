@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from distill.data import fashion_mnist_rgb32
+from demo.fashion_mnist import fashion_mnist_rgb32
 from distill.export import load_exported
 from distill.models import build_model
 from distill.supervised import train_classifier

@@ -15,7 +15,7 @@ from pipeline.cli import app
 
 from conftest import REPO
 
-PACKAGES = ("pipeline", "crawl", "distill", "kd3util")
+PACKAGES = ("pipeline", "crawl", "distill", "kd3util", "demo")
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 SECTIONS = {
     "world": config.WorldConfig,

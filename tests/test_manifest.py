@@ -13,8 +13,8 @@ from crawl.classes import build_queries, parse_classes
 from crawl.crawler import Crawler
 from crawl.download import Fetcher, HttpLimits
 from crawl.manifest import ImageRecord, JsonlWriter, iter_jsonl, latest_records, repair_tail
-from crawl.mirror import MirrorServer
 from crawl.sources import SearchContext, make_source
+from demo.mirror import MirrorServer
 
 from conftest import TINY_CLASSES
 

@@ -61,7 +61,8 @@ def test_cuda_requested_without_a_gpu_is_a_clear_error() -> None:
 def test_fashion_mnist_is_rendered_as_the_teachers_input() -> None:
     import numpy as np
 
-    from distill.data import fashion_mnist_rgb32, to_float
+    from demo.fashion_mnist import fashion_mnist_rgb32
+    from distill.data import to_float
 
     raw = np.full((2, 28, 28), 200, dtype=np.uint8)
     rgb = fashion_mnist_rgb32(raw)

@@ -11,8 +11,8 @@ import pytest
 
 from crawl.classes import parse_classes
 from crawl.download import Fetcher, HttpLimits
-from crawl.mirror import MirrorServer
 from crawl.sources import SOURCES, SearchContext, SourceError, make_source, parse_bing_page
+from demo.mirror import MirrorServer
 
 from conftest import HostileServer, respond
 

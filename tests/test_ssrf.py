@@ -12,9 +12,9 @@ from crawl.classes import parse_classes
 from crawl.crawler import Crawler
 from crawl.download import Fetcher, HttpLimits, address_problem
 from crawl.manifest import latest_records
-from crawl.mirror import MirrorServer
 from crawl.sources import SearchContext, SourceError, make_source
 from crawl.store import ObjectStore
+from demo.mirror import MirrorServer
 
 from conftest import HostileServer, jpeg_bytes, respond
 

@@ -62,7 +62,7 @@ def save_user_checkpoint(path: Path, kind: str, num_classes: int) -> None:
 @pytest.fixture()
 def project(tmp_path: Path, tiny_world: Path) -> Path:
     """A crawled and cleaned tiny world plus an evaluation folder, wired up in a params file."""
-    from crawl.mirror import MirrorServer
+    from demo.mirror import MirrorServer
 
     (tmp_path / "classes.txt").write_text("\n".join(TINY_CLASSES) + "\n")
     evald = tmp_path / "eval"

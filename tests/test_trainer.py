@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill.data import ImagePool, fashion_mnist_rgb32, holdout_mask, random_resized_crop
+from demo.fashion_mnist import fashion_mnist_rgb32
+from distill.data import ImagePool, holdout_mask, random_resized_crop
 from distill.methods.dfnd import DFNDMethod, DFNDOptions
 from distill.methods.kd import KDMethod
 from distill.methods.kd3 import KD3Method, KD3Options

@@ -1,4 +1,4 @@
-"""The offline web: a threaded loopback HTTP server over a world built by ``crawl.world``.
+"""The offline web: a threaded loopback HTTP server over a world built by ``demo.world``.
 
 Endpoints:
 

@@ -15,55 +15,18 @@ give the same bytes. The world is written to a temporary folder and renamed into
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
 import shutil
 import string
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from kd3util import knob
-
-
-@dataclass(frozen=True)
-class RenderParams:
-    """How a 28x28 grey Fashion-MNIST item becomes a web-style photo (``world.render`` in params)."""
-
-    min_size: int = knob(32, 8, 1024)  # shorter output side, pixels
-    max_size: int = knob(160, 8, 2048)  # longer output side, pixels
-    nonsquare_prob: float = knob(0.35, 0, 1)  # share of images with aspect ratio != 1
-    max_aspect: float = knob(1.6, 1, 4)  # largest width/height (or height/width) ratio
-    tint_prob: float = knob(0.4, 0, 1)  # share of objects given a colour
-    light_bg_prob: float = knob(0.05, 0, 1)  # light product-shot background
-    dark_bg_prob: float = knob(0.85, 0, 1)  # dark studio backdrop; the rest get a mid-level colour
-    bg_min_level: int = knob(1, 0, 255)  # darkest background channel level (0 = allow pure black)
-    dark_bg_max: int = knob(4, 0, 255)  # brightest channel level of a dark backdrop
-    object_scale: tuple[float, float] = knob((0.55, 1.0))  # object size relative to the canvas
-    max_shift: float = knob(0.15, 0, 0.5)  # position jitter, fraction of the canvas
-    max_rotation_deg: float = knob(10.0, 0, 180)
-    blur_prob: float = knob(0.15, 0, 1)
-    max_blur: float = knob(1.5, 0, 10)  # Gaussian radius at 28 px scale
-    noise_std: float = knob(2.0, 0, 64)  # additive Gaussian noise, grey levels (std drawn up to this)
-    formats: dict[str, float] = knob({"JPEG": 0.6, "PNG": 0.25, "WEBP": 0.15})  # encoding weights
-    jpeg_quality: tuple[int, int] = knob((45, 95))
-
-
-@dataclass(frozen=True)
-class WorldMix:
-    """Fractions of each class's result list (``world.mix``); they must sum to 1."""
-
-    correct: float = knob(0.72, 0, 1)  # photos of the queried class
-    wrong: float = knob(0.10, 0, 1)  # photos of another class (search noise)
-    junk: float = knob(0.10, 0, 1)  # off-topic shapes, text, textures
-    near_dup: float = knob(0.05, 0, 1)  # re-uploads of an earlier result (resized, re-encoded, cropped)
-    broken: float = knob(0.03, 0, 1)  # 404s, HTML served as an image, truncated files
-
+from demo.settings import RenderParams, WorldMix
 
 CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -73,38 +36,6 @@ HTML_ERROR_PAGE = b"<!DOCTYPE html><html><head><title>Not found</title></head><b
 # --------------------------------------------------------------------------------------------
 # Fashion-MNIST
 # --------------------------------------------------------------------------------------------
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-def load_fashion_mnist(source: str | Path, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 (N, 28, 28), labels uint8 (N,)) from the idx files in ``source``.
-
-    Debian's ``dataset-fashion-mnist`` puts them in ``/usr/share/datasets/fashion-mnist``.
-    """
-    src = Path(source)
-    prefix = "train" if split == "train" else "t10k"
-    found = {}
-    for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
-        for name in (f"{prefix}-{kind}.gz", f"{prefix}-{kind}"):
-            if (src / name).is_file():
-                found[kind] = src / name
-                break
-        else:
-            raise FileNotFoundError(
-                f"{src}: no {prefix}-{kind}(.gz). Install Debian's dataset-fashion-mnist "
-                f"(apt-get install dataset-fashion-mnist) or point world.source at the idx files."
-            )
-    images = _read_idx(found["images-idx3-ubyte"])
-    labels = _read_idx(found["labels-idx1-ubyte"])
-    if images.ndim != 3 or len(images) != len(labels):
-        raise ValueError(f"{src}: idx files are inconsistent ({images.shape} images, {labels.shape} labels)")
-    return images, labels
 
 
 # --------------------------------------------------------------------------------------------
