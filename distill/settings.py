@@ -1,4 +1,5 @@
-"""The trainer's settings: optimiser schedule, training views and runtime (no torch needed).
+"""Settings of the distill code: the teacher checkpoint, the optimiser schedule, training views and
+runtime (no torch needed).
 
 Each field is declared once, with its default and range (``knob``); ``pipeline.config`` copies them
 into the ``distill`` section of params with ``same_as``, so a default is never written twice.
@@ -58,3 +59,20 @@ class Runtime:
     nan_policy: Literal["abort", "skip"] = "abort"
     max_skipped: int = knob(10, 1)  # consecutive non-finite steps before even "skip" aborts
     eval_batch_size: int = knob(512, 1)
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """How to load a teacher checkpoint; the shared fields are ``teacher`` keys of the same name."""
+
+    checkpoint: str
+    num_classes: int
+    format: Literal["state_dict", "torchscript"] = "state_dict"  # state_dict: .pt/.pth/.safetensors; torchscript
+    # runs code from the archive
+    arch: str | None = None  # registry or torchvision name (state_dict only)
+    in_chans: int = knob(3, 1, 4)
+    feature_layer: str | None = None  # module name of the last feature map, when the arch's default does not apply
+    classifier_layer: str | None = None  # module name of the final nn.Linear (goes with feature_layer)
+    max_bytes: int = knob(2_000_000_000, 1)  # checkpoint size cap, checked before reading
+    memory_limit_mb: int = knob(8192, 64)  # address space of the child process that first unpickles the file
+    load_timeout_s: float = knob(300.0, 1)

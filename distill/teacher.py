@@ -29,7 +29,6 @@ import re
 import struct
 import warnings
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,24 +47,11 @@ from distill.models import (
     set_feature_access,
     strip_net_prefix,
 )
+from distill.settings import TeacherSpec
 
 
 class TeacherError(ValueError):
     """The teacher cannot be used; the message names the checkpoint and what is wrong."""
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    checkpoint: str
-    num_classes: int
-    format: str = "state_dict"  # "state_dict" (incl. .safetensors) or "torchscript"
-    arch: str | None = None
-    in_chans: int = 3
-    feature_layer: str | None = None  # module names, when the architecture's defaults do not apply
-    classifier_layer: str | None = None
-    max_bytes: int = 2_000_000_000
-    memory_limit_mb: int = 8192  # for the child process that first unpickles the file
-    load_timeout_s: float = 300.0
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import yaml
 
 from crawl.settings import HttpLimits
 from demo.settings import RenderParams, WorldMix
-from distill.settings import Augment, Runtime, Schedule
+from distill.settings import Augment, Runtime, Schedule, TeacherSpec
 from kd3util import knob, same_as
 
 MAX_PARAMS_BYTES = 1_000_000  # a params file larger than this is refused before parsing
@@ -171,17 +171,17 @@ class TeacherConfig:
     """``teacher:`` — the user's checkpoint (or the demo teacher) and how to feed it."""
 
     checkpoint: str | None = None  # your file; null trains the demo teacher on Fashion-MNIST
-    format: Literal["state_dict", "torchscript"] = "state_dict"  # torchscript runs code from the archive
+    format: Literal["state_dict", "torchscript"] = same_as(TeacherSpec, "format")
     arch: str = "resnet8"  # registry or torchvision name (state_dict only)
     classes: str = "classes.txt"  # one name per line, in the teacher's output order
     input_size: int = knob(32, 8, 1024)  # the teacher's input side, pixels
-    in_chans: int = knob(3, 1, 4)
-    feature_layer: str | None = None  # module name of the last feature map, when the arch's default does not apply
-    classifier_layer: str | None = None  # module name of the final nn.Linear (goes with feature_layer)
+    in_chans: int = same_as(TeacherSpec, "in_chans")
+    feature_layer: str | None = same_as(TeacherSpec, "feature_layer")
+    classifier_layer: str | None = same_as(TeacherSpec, "classifier_layer")
     mean: list[float] = knob([0.286, 0.286, 0.286])  # per channel, on [0, 1] inputs
     std: list[float] = knob([0.353, 0.353, 0.353], 0, 10, lo_open=True)
-    max_bytes: int = knob(2_000_000_000, 1)
-    memory_limit_mb: int = knob(8192, 64)
+    max_bytes: int = same_as(TeacherSpec, "max_bytes")
+    memory_limit_mb: int = same_as(TeacherSpec, "memory_limit_mb")
     out_dir: str = "data/teacher"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     demo: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
