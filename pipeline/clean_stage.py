@@ -134,14 +134,15 @@ class AnalysisCache:
                 folder.mkdir(parents=True)
                 write_json(meta, {"fingerprint": fingerprint, **key})
             self._pixels = os.open(folder / "pixels.bin", os.O_RDWR | os.O_CREAT, 0o644)
-            self.slots = os.fstat(self._pixels).st_size // self.slot_bytes
-            os.ftruncate(self._pixels, self.slots * self.slot_bytes)  # a torn last slot
-            self.records = self._load(folder / "records.jsonl")
+            self.records = self._load(folder / "records.jsonl", os.fstat(self._pixels).st_size // self.slot_bytes)
             self._lines = os.open(folder / "records.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        slots = [r["slot"] for r in self.records.values() if r["slot"] is not None]
+        self.slots = max(slots) + 1 if slots else 0  # the next free slot
+        self.durable = len(self.records)  # records on disk, for the rerun
         self._pending: list[bytes] = []
         self._flushed = time.monotonic()
 
-    def _load(self, path: Path) -> dict[str, dict[str, Any]]:
+    def _load(self, path: Path, slots: int) -> dict[str, dict[str, Any]]:
         records: dict[str, dict[str, Any]] = {}
         if not path.exists():
             return records
@@ -150,7 +151,7 @@ class AnalysisCache:
             for line in f:
                 try:
                     rec = json.loads(line)
-                    if not line.endswith(b"\n") or (rec["slot"] is not None and rec["slot"] >= self.slots):
+                    if not line.endswith(b"\n") or (rec["slot"] is not None and rec["slot"] >= slots):
                         raise ValueError("torn")
                 except (ValueError, KeyError, TypeError):
                     break
@@ -158,6 +159,12 @@ class AnalysisCache:
                 good += len(line)
             f.truncate(good)  # a line torn by a kill, and anything after it
         return records
+
+    def reserve(self, count: int) -> None:
+        """Allocate the disk space of ``count`` more slots now: a full disk fails here, before any decoding."""
+        if hasattr(os, "posix_fallocate"):
+            with _writing(self.folder / "pixels.bin"):
+                os.posix_fallocate(self._pixels, 0, (self.slots + count) * self.slot_bytes)
 
     def get(self, sha256: str) -> dict[str, Any] | None:
         """The cached record of ``sha256`` (``value``, ``slot``), or None."""
@@ -192,6 +199,7 @@ class AnalysisCache:
             if written < len(data):  # a short write: the disk is full (the torn tail is cut at the next open)
                 os.write(self._lines, data[written:])
             os.fdatasync(self._lines)
+        self.durable += data.count(b"\n")
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(slots, S, S, 3) packed images and (slots, 16, 16, 3) thumbnails, read from disk as needed."""
@@ -264,8 +272,10 @@ def run(cfg: CleanConfig, image_size: int) -> dict[str, Any]:
         try:
             report = _clean(cfg, store, objects, params, workers, cache, tmp)
         except BaseException as e:
+            with contextlib.suppress(OSError):  # the disk may be full
+                cache.flush()
             cache.close()
-            kept = f"{len(cache.records)} analysed images are kept in {cache.folder} for the rerun"
+            kept = f"{cache.durable} analysed images are kept in {cache.folder} for the rerun"
             for leftover in tmp.iterdir():
                 if leftover.name != "analysed":
                     _remove(leftover)
@@ -313,6 +323,7 @@ def _clean(
         else:
             o.update(rec["value"], slot=rec["slot"])
             resumed += 1
+    cache.reserve(len(todo))
     tasks = ((o["i"], (str(crawl_dir / o["path"]), params, o["sha256"])) for o in todo)
     bar = tqdm(
         total=len(objects),
