@@ -91,9 +91,13 @@ def _selection_sheets(trainer: Trainer, images: np.ndarray, classes: list[str], 
             pick = np.flatnonzero((pred.numpy() == k) & (mask.numpy() == kept))[:per]
             if len(pick):
                 grid.append([(np.asarray(images[rows[i]]), c if j == 0 else "") for j, i in enumerate(pick)])
-        if grid:
+        if not grid:
+            continue
+        if bool(mask.all()):  # no selection (switched off, or it kept everything): one sheet, said so
+            title = "last epoch: training images (every image; no selection), one row per teacher label"
+        else:
             title = f"last epoch: {'kept' if kept else 'dropped'} by the selection, one row per pseudo-class"
-            contact_sheet(grid, folder / name, title=title, outline_first=False)
+        contact_sheet(grid, folder / name, title=title, outline_first=False)
 
 
 def run(cfg: DistillConfig) -> dict[str, Any]:
