@@ -506,9 +506,10 @@ def _table(report: dict[str, Any]) -> str:
         rows.append([c["name"][:30], c["objects"], c["kept"], *(c["dropped"].get(r, 0) for r in reasons)])
     rows.append(["TOTAL", report["objects"], report["kept"], *(report["dropped_by_reason"][r] for r in reasons)])
     r = report
+    resumed = f" ({r['resumed']} resumed from an interrupted run)" if r["resumed"] else ""
     tail = (
         f"clean: kept {r['kept']} of {r['objects']} images, {r['near_duplicate_clusters']} duplicate clusters; "
-        f"analysis {r['images_per_second']} images/s on {r['workers']} workers, "
+        f"analysis {r['images_per_second']} images/s on {r['workers']} workers{resumed}, "
         f"near-duplicate search {r['dedup_search_seconds']} s"
     )
     return format_table(rows, rules=(1, -1)) + "\n" + tail
