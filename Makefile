@@ -35,7 +35,7 @@ test-fast: venv
 	$(PY) -m pytest -n auto -m "not slow and not network and not gpu"
 
 lint: venv
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
 
 clean-demo:
 	rm -rf data/world data/crawl

@@ -150,7 +150,7 @@ def brute_force_pairs(hashes: np.ndarray, threshold: int) -> np.ndarray:
     return np.array(out, dtype=np.int64).reshape(-1, 3)
 
 
-def find_clusters(n: int, pairs: np.ndarray, rank: Sequence[tuple]) -> list[list[int]]:  # type: ignore[type-arg]
+def find_clusters(n: int, pairs: np.ndarray, rank: Sequence[tuple]) -> list[list[int]]:
     """Union-find over ``pairs``; clusters of 2+ members, each sorted with its survivor first.
 
     ``rank[i]`` orders members: the smallest rank survives (callers pass ``(-area, order)`` so the

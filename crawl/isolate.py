@@ -140,7 +140,7 @@ class IsolatedPool:
         self.timeout_s = timeout_s
         self.memory_limit = memory_limit_bytes
         methods = mp.get_all_start_methods()
-        self.ctx = mp.get_context("fork" if "fork" in methods else "spawn")
+        self.ctx: Any = mp.get_context("fork" if "fork" in methods else "spawn")
         self.workers: list[_Worker] = []
         self.replaced = 0  # workers restarted after a crash or timeout
 

@@ -457,7 +457,7 @@ def set_feature_access(model: Backbone, feature_layer: str, classifier_layer: st
             hook.remove()
         return captured.pop("f")
 
-    model.classifier = head  # type: ignore[assignment]
+    model.classifier = head
     model._features = features  # type: ignore[assignment]
     was_training = model.training
     model.eval()
@@ -511,7 +511,7 @@ class _MetaFactories(TorchFunctionMode):
 
     FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn})
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func in self.FACTORIES and kwargs.get("device") is None:
             kwargs["device"] = "meta"

@@ -394,7 +394,7 @@ def load_teacher(spec: TeacherSpec, mean: list[float], std: list[float], input_s
         model = build_model(spec.arch, spec.num_classes, spec.in_chans)
         if isinstance(model, TorchvisionModel):  # saved by an older kd3, which prefixed torchvision's keys
             tensors = strip_net_prefix(tensors)
-        classifier = next((k for k, m in model.named_modules() if m is model.classifier), None)  # type: ignore[attr-defined]
+        classifier = next((k for k, m in model.named_modules() if m is model.classifier), None)
         weight = tensors.get(f"{classifier}.weight") if classifier else None
         if weight is not None and weight.ndim == 2 and weight.shape[0] != spec.num_classes:
             raise TeacherError(
@@ -405,7 +405,7 @@ def load_teacher(spec: TeacherSpec, mean: list[float], std: list[float], input_s
         if spec.feature_layer or spec.classifier_layer:
             if not (spec.feature_layer and spec.classifier_layer):
                 raise TeacherError("teacher.feature_layer and teacher.classifier_layer go together: set both")
-            set_feature_access(model, spec.feature_layer, spec.classifier_layer, input_size)  # type: ignore[arg-type]
+            set_feature_access(model, spec.feature_layer, spec.classifier_layer, input_size)
     else:
         raise TeacherError(f"teacher.format: {spec.format!r} is not one of state_dict, torchscript")
     teacher = Teacher(model, mean, std)

@@ -284,7 +284,7 @@ class _ParamsLoader(yaml.SafeLoader):
 
     depth = 0
 
-    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+    def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent):
             raise ConfigError(f"line {event.start_mark.line + 1}: YAML aliases are not allowed")

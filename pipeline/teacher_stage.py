@@ -16,7 +16,7 @@ import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -84,7 +84,7 @@ def run(cfg: TeacherConfig) -> TeacherRecord:
     if cfg.checkpoint is None:
         with sigterm_as_interrupt():  # a stopped training leaves no checkpoint; the CLI exits 143
             ckpt, demo = _demo_teacher(cfg, len(classes), out)
-        fmt = "state_dict"
+        fmt: Literal["state_dict", "torchscript"] = "state_dict"
     else:
         ckpt, fmt = Path(cfg.checkpoint), cfg.format
     record = TeacherRecord(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from kd3util import sha256_file, write_json
 from pipeline.artifacts import ArtifactError, read_json
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 class TeacherRecord:
     """``kd3 teacher``: everything later stages need to load and feed the teacher."""
 
-    format: str  # "state_dict" or "torchscript"
+    format: Literal["state_dict", "torchscript"]
     arch: str | None
     classes: list[str]  # in the teacher's output order
     input_size: int
