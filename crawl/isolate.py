@@ -168,7 +168,10 @@ class IsolatedPool:
         w.proc.join(5)
         w.conn.close()
 
-    def imap_unordered(self, tasks: Iterable[tuple[Any, tuple[Any, ...]]]) -> Iterator[tuple[Any, str, Any]]:
+    def imap_unordered(
+        self, tasks: Iterable[tuple[Any, tuple[Any, ...]]], idle: Callable[[], None] | None = None
+    ) -> Iterator[tuple[Any, str, Any]]:
+        """Results as they come; ``idle()`` is called before each wait for workers, at least once a second."""
         it = iter(tasks)
         singles: deque[tuple[Any, Any]] = deque()  # items of a failed chunk, re-run one at a time
         while len(self.workers) < self.num_workers:
@@ -195,9 +198,11 @@ class IsolatedPool:
         while any(w.task is not None for w in self.workers):
             busy = [w for w in self.workers if w.task is not None]
             deadline = min(w.started + self.timeout_s * len(w.task or ()) for w in busy)
-            ready = wait(
-                [w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=max(0.0, deadline - time.monotonic())
-            )
+            timeout = max(0.0, deadline - time.monotonic())
+            if idle is not None:
+                idle()
+                timeout = min(timeout, 1.0)
+            ready = wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=timeout)
             for i, w in enumerate(list(self.workers)):
                 if w.task is None:
                     continue

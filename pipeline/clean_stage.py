@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -96,13 +98,29 @@ def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
 
 @contextlib.contextmanager
 def _interrupts_raise() -> Iterator[None]:
-    """Within the block SIGINT and SIGTERM raise ``CleanInterrupted`` (main thread only)."""
+    """Within the block SIGINT and SIGTERM raise ``CleanInterrupted`` (signals reach the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done (delivered, and raised, right after it)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class AnalysisCache:
@@ -162,9 +180,13 @@ class AnalysisCache:
 
     def reserve(self, count: int) -> None:
         """Allocate the disk space of ``count`` more slots now: a full disk fails here, before any decoding."""
-        if hasattr(os, "posix_fallocate"):
-            with _writing(self.folder / "pixels.bin"):
-                os.posix_fallocate(self._pixels, 0, (self.slots + count) * self.slot_bytes)
+        if not hasattr(os, "posix_fallocate"):
+            return
+        try:
+            os.posix_fallocate(self._pixels, 0, (self.slots + count) * self.slot_bytes)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # a file system that cannot reserve: write as we go
+                raise OutputError(e.errno, f"{self.folder / 'pixels.bin'}: {e.strerror}") from e
 
     def get(self, sha256: str) -> dict[str, Any] | None:
         """The cached record of ``sha256`` (``value``, ``slot``), or None."""
@@ -182,9 +204,14 @@ class AnalysisCache:
             rec = {"sha256": sha256, "slot": slot, "value": value}
             self.records[sha256] = rec
             self._pending.append((json.dumps(rec, ensure_ascii=False) + "\n").encode())
-            if len(self._pending) >= 256 or time.monotonic() - self._flushed > 1.0:
+            if len(self._pending) >= 256:
                 self.flush()
         return slot
+
+    def flush_due(self) -> None:
+        """``flush`` when the last one is a second old: called while the workers are busy."""
+        if self._pending and time.monotonic() - self._flushed > 1.0:
+            self.flush()
 
     def flush(self) -> None:
         """Make the records added so far durable (pixels first, then the lines that point at them)."""
@@ -286,10 +313,11 @@ def run(cfg: CleanConfig, image_size: int) -> dict[str, Any]:
                 raise OutputError(e.errno, f"{e}; {out} is unchanged; {kept}") from e
             raise
         cache.close()
-        _remove(cache.folder)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        with _signals_held():  # the checkpoint goes and the outputs arrive in one step
+            _remove(cache.folder)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
     print(_table(report), file=sys.stderr)
     return report
 
@@ -335,7 +363,7 @@ def _clean(
         mininterval=0.1 if sys.stderr.isatty() else 10.0,
     )
     with IsolatedPool(analyze_file, workers, cfg.decode_timeout_s, cfg.worker_memory_mb << 20, chunk_size=16) as pool:
-        for i, status, value in pool.imap_unordered(tasks):
+        for i, status, value in pool.imap_unordered(tasks, idle=cache.flush_due):
             if status == "ok":
                 pixels, thumb = value.pop("pixels", None), value.pop("small", None)
                 objects[i].update(value, slot=cache.add(objects[i]["sha256"], value, pixels, thumb))

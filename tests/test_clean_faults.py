@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from test_clean_stage import crawled  # noqa: F401  (the module-scoped crawl fixture)
 
+from crawl.images import AnalyzeParams
 from pipeline import clean_stage
 from pipeline.config import CleanConfig
 
@@ -215,6 +216,33 @@ def mount_tmpfs(folder: Path, size_kib: int, remount: bool = False) -> None:
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+
+
+def test_checkpoint_cuts_a_torn_tail_and_is_dropped_for_other_settings(tmp_path: Path) -> None:
+    """A kill mid-append leaves a torn last line: the next open cuts it and keeps the rest."""
+    params = AnalyzeParams(image_size=8)
+    cache = clean_stage.AnalysisCache(tmp_path / "analysed", params)
+    cache.reserve(3)
+    pixels, small = bytes(range(8 * 8 * 3)), bytes(16 * 16 * 3)
+    cache.add("a" * 64, {"reason": None, "width": 10}, pixels, small)
+    cache.add("b" * 64, {"reason": "truncated"}, None, None)
+    cache.add("c" * 64, {"reason": "sha_mismatch"}, None, None)  # depends on the store: never kept
+    cache.flush()
+    cache.close()
+    with open(tmp_path / "analysed" / "records.jsonl", "ab") as f:
+        f.write(b'{"sha256": "' + b"d" * 64 + b'", "slot": 1, "val')  # torn by a kill
+
+    again = clean_stage.AnalysisCache(tmp_path / "analysed", params)
+    assert sorted(again.records) == ["a" * 64, "b" * 64] and again.slots == 1
+    assert (tmp_path / "analysed" / "records.jsonl").read_bytes().endswith(b"}\n")
+    assert again.get("a" * 64) == {"sha256": "a" * 64, "slot": 0, "value": {"reason": None, "width": 10}}
+    images, thumbs = again.arrays()
+    assert images[0].tobytes() == pixels and thumbs.shape == (1, 16, 16, 3)
+    again.close()
+
+    other = clean_stage.AnalysisCache(tmp_path / "analysed", AnalyzeParams(image_size=8, resize="pad"))
+    assert other.records == {} and other.slots == 0
+    other.close()
 
 
 POOL_PARENT = """
