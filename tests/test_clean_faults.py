@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -324,3 +325,26 @@ def test_full_disk_is_an_error_naming_the_file_and_the_rerun_resumes(
     assert resumed == 0 if where == "analysed/pixels.bin" else resumed > 0  # the space was reserved up front
     assert not (small_disk / "clean.tmp").exists()
     assert_same_outputs(out, reference)
+
+
+def test_a_file_size_limit_is_an_error_naming_the_file(crawled: Path, tmp_path: Path, marker: str) -> None:  # noqa: F811
+    """``ulimit -f``: the kernel refuses the write (EFBIG; Python ignores SIGXFSZ); the error names the file."""
+    out = tmp_path / "clean"
+    params = write_params(tmp_path, crawled, out)
+    limit = 100_000  # below the checkpoint's 134,400 bytes
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "clean", "--params", str(params)],
+        cwd=REPO,
+        env={**os.environ, "KD3_TEST_MARKER": marker, "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True,
+        text=True,
+        preexec_fn=limited,
+    )
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tmp_path}/clean.tmp/analysed/pixels.bin: File too large"), last
+    assert not marked(marker) and not out.exists()
