@@ -13,8 +13,8 @@ import pytest
 from crawl.classes import build_queries, parse_classes
 from crawl.crawler import Crawler
 from crawl.download import Fetcher, HttpLimits
-from crawl.mirror import MirrorServer
 from crawl.sources import SearchContext, make_source
+from demo.mirror import MirrorServer
 from pipeline import clean_stage
 from pipeline.artifacts import ArtifactError
 from pipeline.artifacts.crawl import CrawlStore
