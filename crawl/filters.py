@@ -9,16 +9,9 @@ graphics with a handful of levels).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-
-@dataclass(frozen=True)
-class FilterParams:
-    min_side: int = 24  # pixels, shorter side
-    max_aspect: float = 3.0  # long side / short side
-    min_std: float = 3.0  # largest per-channel std, levels; below = blank
-    min_entropy: float = 2.0  # bits; below = low information
+from crawl.settings import FilterParams
 
 
 def filter_reason(rec: dict[str, Any], p: FilterParams) -> str | None:

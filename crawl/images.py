@@ -35,19 +35,9 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from crawl.download import sniff
+from crawl.settings import AnalyzeParams, DecodeLimits
 
-ALLOWED = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 SMALL = 16  # side of the colour thumbnail used to verify near-duplicate candidates
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """Caps applied before and during decoding."""
-
-    formats: tuple[str, ...] = ALLOWED
-    max_bytes: int = 20_000_000
-    max_pixels: int = 40_000_000  # below Pillow's 89 MP warning threshold
-    max_frames: int = 100
 
 
 class ImageRejected(Exception):
@@ -181,16 +171,6 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits(), draft: int 
 # --------------------------------------------------------------------------------------------
 # analysis for the clean stage
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AnalyzeParams:
-    """What the clean stage needs from each file (mirrors ``pipeline.config.CleanConfig``)."""
-
-    limits: DecodeLimits = DecodeLimits()
-    hash_size: int = 8  # pHash side: 8 -> 64 bits
-    image_size: int = 48  # side of the packed array
-    resize: str = "crop"  # "crop": shorter side to image_size, centre crop; "pad": fit inside, pad white
 
 
 def resize_square(img: Image.Image | np.ndarray, size: int, mode: str) -> np.ndarray:

@@ -47,12 +47,13 @@ import PIL
 from tqdm import tqdm
 
 from crawl.dedup import find_clusters, hex_to_array, near_pairs, thumb_distance
-from crawl.filters import FilterParams, apply_filters
-from crawl.images import SMALL, AnalyzeParams, DecodeLimits, analyze_file
+from crawl.filters import apply_filters
+from crawl.images import SMALL, analyze_file
 from crawl.isolate import IsolatedPool, default_workers
 from crawl.manifest import latest_records
+from crawl.settings import AnalyzeParams, DecodeLimits, FilterParams
 from crawl.sheets import contact_sheet, grid
-from kd3util import format_table, write_json
+from kd3util import format_table, pick, write_json
 from pipeline.artifacts.clean import CleanSet
 from pipeline.artifacts.crawl import CrawlStore
 from pipeline.config import CleanConfig
@@ -284,12 +285,7 @@ def run(cfg: CleanConfig, image_size: int) -> dict[str, Any]:
         raise ValueError(f"{crawl_dir}: the crawl has no downloaded images")
     tmp = out.with_name(out.name + ".tmp")
     size = image_size
-    params = AnalyzeParams(
-        limits=DecodeLimits(tuple(cfg.formats), cfg.max_bytes, cfg.max_pixels, cfg.max_frames),
-        hash_size=cfg.hash_size,
-        image_size=size,
-        resize=cfg.resize,
-    )
+    params = pick(AnalyzeParams, cfg, limits=pick(DecodeLimits, cfg), image_size=size)
     workers = cfg.workers or default_workers()
     with _interrupts_raise():
         for leftover in tmp.iterdir() if tmp.is_dir() else ():  # an earlier run's partial outputs
@@ -378,7 +374,7 @@ def _clean(
     analysed_s = time.time() - started
 
     # 3. filters, then near-duplicates among the survivors
-    fp = FilterParams(cfg.min_side, cfg.max_aspect, cfg.min_std, cfg.min_entropy)
+    fp = pick(FilterParams, cfg)
     passed, dropped = apply_filters(objects, fp)
     hashes = hex_to_array([o["phash"] for o in passed])
     valid = np.array([o["std"] >= cfg.uniform_std for o in passed], dtype=bool)

@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from crawl.settings import HttpLimits
+from crawl.settings import AnalyzeParams, DecodeLimits, FilterParams, HttpLimits, ImageFormat
 from demo.settings import RenderParams, WorldMix
 from distill.settings import Augment, Runtime, Schedule, TeacherSpec
 from kd3util import knob, same_as
@@ -127,16 +127,16 @@ class CleanConfig:
     out_dir: str = "data/clean"
     image_size: int | None = knob(None, 8, 1024)  # side of the packed array, pixels; null: the teacher's input
     # size times CROP_MARGIN (see resolve_image_size); smaller than the teacher's input size is an error
-    resize: Literal["crop", "pad"] = "crop"  # shorter side to image_size + centre crop, or fit + white pad
-    formats: list[Literal["JPEG", "PNG", "WEBP", "GIF", "BMP"]] = knob(["JPEG", "PNG", "WEBP", "GIF", "BMP"])
-    max_bytes: int = knob(20_000_000, 1, 1_000_000_000)  # per file, checked before decoding
-    max_pixels: int = knob(40_000_000, 1, 500_000_000)  # per image, checked on the header
-    max_frames: int = knob(100, 1, 100_000)  # animations with more frames are dropped
-    min_side: int = knob(24, 1, 10_000)  # shorter side below this: too_small
-    max_aspect: float = knob(3.0, 1, 1000)  # long/short side above this: bad_aspect
-    min_std: float = knob(3.0, 0, 128)  # largest per-channel std below this: blank
-    min_entropy: float = knob(1.5, 0, 8)  # grey-histogram entropy (bits) below this: low_information
-    hash_size: int = knob(8, 8, 32)  # pHash side: 8 -> 64-bit hashes
+    resize: Literal["crop", "pad"] = same_as(AnalyzeParams, "resize")
+    formats: tuple[ImageFormat, ...] = same_as(DecodeLimits, "formats")
+    max_bytes: int = same_as(DecodeLimits, "max_bytes")
+    max_pixels: int = same_as(DecodeLimits, "max_pixels")
+    max_frames: int = same_as(DecodeLimits, "max_frames")
+    min_side: int = same_as(FilterParams, "min_side")
+    max_aspect: float = same_as(FilterParams, "max_aspect")
+    min_std: float = same_as(FilterParams, "min_std")
+    min_entropy: float = same_as(FilterParams, "min_entropy")
+    hash_size: int = same_as(AnalyzeParams, "hash_size")
     hamming: int = knob(6, 0, 1024)  # candidate near-duplicates: pHash distance <= this (<= 7: fast at 1e6)
     verify_mad: float | None = knob(6.0, 0, 255)  # ... confirmed when 16x16 thumbnails differ <= this; null: off
     uniform_std: float = knob(2.0, 0, 128)  # flatter images are never matched perceptually
