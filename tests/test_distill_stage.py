@@ -91,15 +91,30 @@ def stage_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_params(root: Path, work: Path, epochs: int = 2, **distill: object) -> Path:
-    extra = "".join(f", {k}: {json.dumps(v)}" for k, v in distill.items())
+    """A params file for the tiny stage inputs; ``distill`` keys override the defaults (no duplicate keys)."""
+    keys: dict[str, object] = {
+        "clean_dir": f"{root}/clean",
+        "label_dir": f"{root}/label",
+        "teacher_dir": f"{root}/teacher",
+        "out_dir": f"{work}/distill",
+        "metrics_dir": f"{work}/metrics",
+        "student": "resnet8",
+        "epochs": epochs,
+        "batch_size": 16,
+        "device": "cpu",
+        "holdout": 0.1,
+        "eval": {"eval_dir": f"{root}/eval", "last": None},
+        **distill,
+    }
+    evaluate = {
+        "teacher_dir": f"{root}/teacher",
+        "eval_dir": f"{root}/eval",
+        "out_dir": f"{work}/metrics",
+        "device": "cpu",
+        "student_dir": f"{work}/distill",
+    }
     p = work / "params.yaml"
-    p.write_text(f"""
-distill: {{clean_dir: {root}/clean, label_dir: {root}/label, teacher_dir: {root}/teacher, out_dir: {work}/distill,
-           metrics_dir: {work}/metrics, student: resnet8, epochs: {epochs}, batch_size: 16, device: cpu,
-           holdout: 0.1, eval: {{eval_dir: {root}/eval, last: null}}{extra}}}
-evaluate: {{teacher_dir: {root}/teacher, eval_dir: {root}/eval, out_dir: {work}/metrics, device: cpu,
-           student_dir: {work}/distill}}
-""")
+    p.write_text(json.dumps({"distill": keys, "evaluate": evaluate}, indent=1) + "\n")  # JSON is YAML
     return p
 
 
