@@ -244,3 +244,35 @@ def test_torchrun_two_processes_match_one(stage_inputs: Path, tmp_path: Path) ->
         if w0.ndim > 1:  # (BatchNorm sees 24 images per process instead of 48: not bitwise)
             moved, apart = float((w1[k] - w0).norm()), float((w1[k] - w2[k]).norm())
             assert apart < 0.4 * moved, (k, apart, moved)
+
+
+def _torchrun(params: Path, n: int) -> subprocess.CompletedProcess[str]:
+    bin_dir = Path(sys.executable).parent
+    cmd = [str(bin_dir / "torchrun"), "--standalone", "--no-python", f"--nproc_per_node={n}"]
+    cmd += [str(bin_dir / "kd3"), "distill", "--params", str(params)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mix_weight", [0.5, 0.0])
+def test_torchrun_kd3_with_every_component_on(stage_inputs: Path, tmp_path: Path, mix_weight: float) -> None:
+    """DDP needs every trainable parameter reached by the loss: KD³'s student carries the backbone's
+    own classifier (unused) and, with ``mix_weight: 0``, a contrastive head no term reads."""
+    kd3 = {
+        "selection": True,
+        "shared_classifier": True,
+        "feature_weighting": True,
+        "mixdistribution": True,
+        "mix_weight": mix_weight,
+        "kd_weight": 0.5,
+        "query_prior": 0.5,
+        "tau": 0.3,
+    }
+    params = write_params(stage_inputs, tmp_path, epochs=2, batch_size=32, holdout=0.0, kd3=kd3, eval={})
+    proc = _torchrun(params, 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "distill" / "report.json").read_text())
+    assert report["world_size"] == 2 and [r["epoch"] for r in report["history"]] == [1, 2]
+    assert all(np.isfinite(r["loss"]) and r["kd"] > 0 for r in report["history"])
+    assert all(("instance_align" in r) == (mix_weight > 0) for r in report["history"])

@@ -3,10 +3,12 @@
 - ``Projector``: SimKD-style ``conv1x1 → BN → ReLU → conv3x3 → BN → ReLU → conv1x1 → BN → ReLU``
   from the student's last-stage width to the teacher's (width C_t/2 inside, no conv biases).
 - ``KD3Student``: backbone + projector + the teacher's final linear layer, copied and frozen
-  (classifier sharing), plus the 128-d contrastive head ``g_S``. Its logits are
-  ``h_T(GAP(P(F_S(x))))`` in training, selection and at test time; the deployed student is this
-  module minus the head. With ``shared_classifier=False`` (the ablation) the student trains its
-  own linear layer on the same pooled projection instead.
+  (classifier sharing), plus the 128-d contrastive head ``g_S`` (only with a non-zero instance term).
+  Its logits are ``h_T(GAP(P(F_S(x))))`` in training, selection and at test time; the deployed
+  student is this module minus the head. With ``shared_classifier=False`` (the ablation) the
+  student trains its own linear layer on the same pooled projection instead. The backbone's own
+  classifier stays in the module but frozen: no loss reaches it (DDP needs every trainable
+  parameter to get a gradient).
 - ``KD3Loss``: ``L = w_fa · L_WFA + λ_mix · L_ins``, a dict of named terms; zero-weight terms are
   skipped. With ``feature_weighting=False`` the per-sample weights are 1 (plain MSE); with
   ``mixdistribution=False`` there is no perturbed view and no instance term.
@@ -101,6 +103,8 @@ class KD3Student(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone = backbone
+        for p in backbone.classifier.parameters():  # the logits come from self.classifier: the backbone's own
+            p.requires_grad_(False)  # head is never reached by a loss (DDP fails on trainable parameters it is not)
         self.teacher_hw = teacher_hw
         self.projector = Projector(backbone.feature_dim, teacher_channels)
         self.classifier = copy.deepcopy(teacher_classifier)
@@ -111,7 +115,8 @@ class KD3Student(nn.Module):
             self.classifier.reset_parameters()
             for p in self.classifier.parameters():
                 p.requires_grad_(True)
-        self.head = ContrastiveHead(teacher_channels) if contrastive else None  # g_S, for instance alignment
+        # g_S, for instance alignment: only when that term is on (an unused trainable head fails DDP)
+        self.head = ContrastiveHead(teacher_channels) if contrastive else None
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """``P(F_S(x))`` after spatial alignment: (B, C_t, h, w) with h <= teacher_hw."""
@@ -207,7 +212,8 @@ class KD3Method(Method):
         o = options
         c_t, hw = teacher.feature_shape(input_size, in_chans)
         self.teacher = teacher
-        self.student = KD3Student(backbone, teacher.classifier, c_t, hw, o.shared_classifier, o.mixdistribution)
+        contrastive = o.mixdistribution and o.mix_weight > 0
+        self.student = KD3Student(backbone, teacher.classifier, c_t, hw, o.shared_classifier, contrastive)
         if not o.shared_classifier and not o.kd_weight:  # the student's own classifier needs a KD signal
             o = replace(o, kd_weight=1.0)
         self.loss_fn = KD3Loss(o)
@@ -250,7 +256,9 @@ class KD3Method(Method):
             t_map, t_logits = self.teacher.features_and_logits(x01)
         x = self.teacher.normalise(x01)
         clean = self.student.parts(x)
-        mixed = self.student.parts(mix_distribution(x, generator)) if self.loss_fn.mixdistribution else None
+        mixed = None
+        if self.student.head is not None:  # the perturbed view feeds the instance term only
+            mixed = self.student.parts(mix_distribution(x, generator))
         prior = None
         if self.query_prior and queries is not None:
             prior = query_log_prior(queries, t_logits.shape[1], self.query_prior)
