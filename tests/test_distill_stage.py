@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from blocked_imports import BLOCKED, blocked_env
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -276,3 +277,22 @@ def test_torchrun_kd3_with_every_component_on(stage_inputs: Path, tmp_path: Path
     assert report["world_size"] == 2 and [r["epoch"] for r in report["history"]] == [1, 2]
     assert all(np.isfinite(r["loss"]) and r["kd"] > 0 for r in report["history"])
     assert all(("instance_align" in r) == (mix_weight > 0) for r in report["history"])
+
+
+def test_distill_stage_runs_without_crawl_and_dvc_packages(stage_inputs: Path, tmp_path: Path) -> None:
+    """The GPU machine's python has no imagehash, icrawler or dvc: the stage must import and train
+    without them (benchmarks/gpu_check.sh runs it there, evaluation off)."""
+    env = blocked_env(tmp_path / "site")
+    probe = subprocess.run([sys.executable, "-c", "import imagehash"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "blocked" in probe.stderr  # the block is in force
+    params = write_params(stage_inputs, tmp_path, epochs=1, eval={})
+    code = (
+        "import sys\nfrom pipeline import distill_stage\n"
+        "from pipeline.config import DistillConfig, build, read_params\n"
+        "distill_stage.run(build(DistillConfig, read_params(sys.argv[1])['distill'], 'distill'))\n"
+        f"print('loaded:', sorted(m for m in sys.modules if m.partition('.')[0] in {BLOCKED!r}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(params)], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "loaded: []" in proc.stdout
+    assert (tmp_path / "distill" / "student.ts").is_file()
