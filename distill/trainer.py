@@ -18,6 +18,7 @@ step boundary with a checkpoint and raise ``TrainingInterrupted`` (the CLI exits
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import signal
 import time
@@ -169,9 +170,20 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- checkpoints
 
-    def state(self) -> dict[str, Any]:
+    def _rng(self) -> dict[str, torch.Tensor | None]:
+        """This process's generator states: under DDP each rank draws its own crops and mixes."""
+        return {
+            "torch": torch.get_rng_state(),
+            "mix": self.mix_gen.get_state(),
+            "aug": self.aug_gen.get_state(),
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+        }
+
+    def state(self, ranks: list[dict[str, torch.Tensor | None]] | None = None) -> dict[str, Any]:
+        """The checkpoint; ``ranks``: every rank's generator states (default: this process's only)."""
         return {
             "fingerprint": self.fingerprint,
+            "device": self.device.type,  # generator states and kernels differ between device types
             "method": self.method.state_dict(),
             "opt": self.opt.state_dict(),
             "extra_opts": [o.state_dict() for o in self.extra_opts],
@@ -182,18 +194,17 @@ class Trainer:
             "order": self.order,
             "epoch_info": self.epoch_info,
             "history": self.history,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "order": self.order_gen.get_state(),
-                "mix": self.mix_gen.get_state(),
-                "aug": self.aug_gen.get_state(),
-                "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
-            },
+            "rng": {"order": self.order_gen.get_state(), "ranks": ranks or [self._rng()]},
         }
 
     def save(self) -> None:
-        if self.checkpoint is not None and self.rank == 0:
-            atomic_save(self.state(), self.checkpoint)
+        if self.checkpoint is not None:
+            ranks: list[Any] = [self._rng()]
+            if self.world > 1:  # a collective: every rank takes part, rank 0 writes
+                ranks = [None] * self.world
+                dist.all_gather_object(ranks, self._rng())
+            if self.rank == 0:
+                atomic_save(self.state(ranks), self.checkpoint)
         if self.world > 1:
             dist.barrier()
 
@@ -208,22 +219,44 @@ class Trainer:
         if state.get("fingerprint") != self.fingerprint:
             log.info("distill: %s belongs to other settings or data; starting over", self.checkpoint)
             return False
+        if state.get("device") != self.device.type:
+            where = state.get("device") or "an unknown device"
+            log.warning(
+                "distill: %s was written on %s and this run is on %s; starting over",
+                self.checkpoint,
+                where,
+                self.device.type,
+            )
+            return False
+        fresh = copy.deepcopy(self.state())  # (a state dict shares the live tensors)
+        try:
+            self._restore(state)
+        except (RuntimeError, KeyError, IndexError, TypeError, ValueError) as e:
+            self._restore(fresh)  # nothing half-restored: back to this run's own initial state
+            log.warning("distill: %s cannot be restored here (%s); starting over", self.checkpoint, e)
+            return False
+        log.info("distill: resumed from %s at epoch %d step %d", self.checkpoint, self.epoch + 1, self.step)
+        return True
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        ranks = state["rng"]["ranks"]
+        if len(ranks) != self.world:
+            log.info("distill: the checkpoint holds %d ranks' generators, this run has %d", len(ranks), self.world)
+        mine = ranks[self.rank] if self.rank < len(ranks) else None  # a new rank keeps its own seed
         self.method.load_state_dict(state["method"])
         self.opt.load_state_dict(state["opt"])
         for o, s in zip(self.extra_opts, state["extra_opts"], strict=True):
             o.load_state_dict(s)
         self.sched.load_state_dict(state["sched"])
+        self.order_gen.set_state(state["rng"]["order"])
+        if mine is not None:
+            torch.set_rng_state(mine["torch"])
+            self.mix_gen.set_state(mine["mix"])
+            self.aug_gen.set_state(mine["aug"])
+            if mine["cuda"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["cuda"], self.device)
         self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
         self.order, self.epoch_info, self.history = state["order"], state["epoch_info"], state["history"]
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        self.order_gen.set_state(rng["order"])
-        self.mix_gen.set_state(rng["mix"])
-        self.aug_gen.set_state(rng["aug"].to(self.aug_gen.get_state().device))
-        if rng["cuda"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"])
-        log.info("distill: resumed from %s at epoch %d step %d", self.checkpoint, self.epoch + 1, self.step)
-        return True
 
     # ---------------------------------------------------------------------------- selection
 

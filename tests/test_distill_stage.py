@@ -277,6 +277,8 @@ def test_torchrun_kd3_with_every_component_on(stage_inputs: Path, tmp_path: Path
     assert report["world_size"] == 2 and [r["epoch"] for r in report["history"]] == [1, 2]
     assert all(np.isfinite(r["loss"]) and r["kd"] > 0 for r in report["history"])
     assert all(("instance_align" in r) == (mix_weight > 0) for r in report["history"])
+    ranks = torch.load(tmp_path / "distill" / "checkpoint.pt", weights_only=True)["rng"]["ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["aug"], ranks[1]["aug"])  # each rank resumes its own crops
 
 
 def test_distill_stage_runs_without_crawl_and_dvc_packages(stage_inputs: Path, tmp_path: Path) -> None:

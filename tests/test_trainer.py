@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 from pathlib import Path
@@ -243,6 +244,31 @@ def test_a_foreign_checkpoint_or_other_settings_start_over(pool_and_teacher: Any
     other = make_trainer(pool_and_teacher, epochs=1, checkpoint=ckpt)
     other.fingerprint = "other"
     assert other._resume() is False
+
+
+def test_a_checkpoint_from_another_device_starts_over_cleanly(
+    pool_and_teacher: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ckpt = tmp_path / "ckpt.pt"
+    make_trainer(pool_and_teacher, epochs=2, checkpoint=ckpt)._run_epoch()
+    state = torch.load(ckpt, weights_only=True)
+    initial = weights(make_trainer(pool_and_teacher, epochs=2))
+    state["device"] = "cuda"  # as a run on a GPU writes it (same settings, same data, same fingerprint)
+    torch.save(state, ckpt)
+    with caplog.at_level(logging.INFO, logger="distill.trainer"):
+        t = make_trainer(pool_and_teacher, epochs=2, checkpoint=ckpt)
+    assert not t.resumed and t.epoch == 0 and same(weights(t), initial)
+    assert "was written on cuda and this run is on cpu; starting over" in caplog.text
+    state["device"] = "cpu"
+    state["rng"]["ranks"][0]["aug"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's state
+    torch.save(state, ckpt)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="distill.trainer"):
+        t = make_trainer(pool_and_teacher, epochs=2, checkpoint=ckpt)
+    assert not t.resumed and (t.epoch, t.step, t.global_step, t.history) == (0, 0, 0, [])
+    assert same(weights(t), initial)  # nothing half-restored
+    assert "cannot be restored here" in caplog.text and "starting over" in caplog.text
+    assert [r["epoch"] for r in t.fit()] == [1, 2]
 
 
 @pytest.mark.parametrize("policy", ["abort", "skip"])
