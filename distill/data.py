@@ -94,6 +94,23 @@ def uint8_to_float(batch: torch.Tensor) -> torch.Tensor:
     return batch.permute(0, 3, 1, 2).float().div_(255.0)
 
 
+def host_tensor(array: np.ndarray) -> torch.Tensor:
+    """``array`` as a CPU tensor, sharing its memory when torch may (a read-only array is copied:
+    ``torch.from_numpy`` warns on it, and pyproject turns warnings into errors)."""
+    array = np.ascontiguousarray(array)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+def upload(images: np.ndarray, device: torch.device, chunk_bytes: int = 64 << 20) -> torch.Tensor:
+    """Copy a (memory-mapped, possibly read-only) array onto ``device`` a chunk at a time, so the
+    host never holds a second copy of the whole pool."""
+    out = torch.empty(images.shape, dtype=torch.uint8, device=device)
+    rows = max(1, chunk_bytes // max(1, images[0].nbytes)) if len(images) else 1
+    for s in range(0, len(images), rows):
+        out[s : s + rows].copy_(torch.from_numpy(np.array(images[s : s + rows])))
+    return out
+
+
 class ImagePool:
     """The packed (N, H, W, 3) uint8 array as batches on the training device.
 
@@ -103,18 +120,21 @@ class ImagePool:
     array is read in place (a gather per batch, no per-image work).
     """
 
-    def __init__(self, images: np.ndarray, device: torch.device, gpu_budget_bytes: int = 4 << 30) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        device: torch.device,
+        gpu_budget_bytes: int = 4 << 30,
+        resident: bool | None = None,
+    ) -> None:
+        """``resident``: copy the whole pool onto ``device`` (default: on CUDA, when it fits the budget)."""
         self.images, self.device = images, device
-        self.resident = device.type == "cuda" and images.nbytes <= gpu_budget_bytes
+        self.resident = device.type == "cuda" and images.nbytes <= gpu_budget_bytes if resident is None else resident
         self.data: torch.Tensor | None = None
         if self.resident:
-            self.data = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+            self.data = upload(images, device)
         elif device.type == "cpu":
-            self.data = (
-                torch.from_numpy(np.array(images))
-                if isinstance(images, np.memmap)
-                else torch.from_numpy(np.ascontiguousarray(images))
-            )
+            self.data = upload(images, device) if isinstance(images, np.memmap) else host_tensor(images)
 
     def __len__(self) -> int:
         return len(self.images)

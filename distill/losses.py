@@ -130,8 +130,8 @@ def mix_distribution(x: torch.Tensor, generator: torch.Generator | None = None, 
     perm = torch.randperm(b, generator=generator).to(x.device)
     beta = torch.distributions.Beta(torch.tensor(alpha), torch.tensor(alpha))
     if generator is not None:  # Beta has no generator argument: draw from a seeded CPU state
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        with torch.random.fork_rng(devices=[]):  # restores the CPU generator only, so seed only that one
+            torch.default_generator.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
             lam = beta.sample((b, 1, 1, 1))
     else:
         lam = beta.sample((b, 1, 1, 1))
