@@ -146,16 +146,19 @@ def mix_distribution(x: torch.Tensor, generator: torch.Generator | None = None, 
 # --------------------------------------------------------------------------------------------
 
 
-def alpha_schedule(epoch: int, epochs: int) -> float:
-    """Teacher weight α_e in the combined logits (epoch is 0-based).
+def alpha_schedule(epoch: int, epochs: int, released: bool = False) -> float:
+    """Teacher weight α in the combined logits for the 0-based ``epoch`` of ``epochs``.
 
-    Reference (E = 240): ``α_e = 1 − exp(−5((e+1)/160 − 1)²)`` for ``e < 120``, else 0. For other
-    E the ramp length 160 becomes 2E/3 and the cut 120 becomes E/2.
+    The released code counts epochs from t = 1 and uses ``α_t = 1 − exp(−5((t+1)/160 − 1)²)`` for
+    ``t < 120``, else 0 (with E = 240 epochs); here t = epoch + 1. By default the ramp 160 becomes
+    2E/3 and the cut 120 becomes E/2, so a short run follows the same shape; ``released`` keeps the
+    constants as they are (a run of E < 120 epochs then never leaves α ≈ 1: the teacher decides).
     """
-    ramp, cut = 2 * epochs / 3, epochs / 2
-    if epoch >= cut:
+    ramp, cut = (160.0, 120.0) if released else (2 * epochs / 3, epochs / 2)
+    t = epoch + 1
+    if t >= cut:
         return 0.0
-    return 1.0 - math.exp(-5.0 * ((epoch + 1) / ramp - 1.0) ** 2)
+    return 1.0 - math.exp(-5.0 * ((t + 1) / ramp - 1.0) ** 2)
 
 
 def class_thresholds(pred: torch.Tensor, num_classes: int, tau: float = 0.95) -> torch.Tensor:

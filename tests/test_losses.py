@@ -89,16 +89,29 @@ def test_mix_distribution_mixes_statistics_and_is_seeded() -> None:
     assert float(F.cosine_similarity(ca, cx).min()) > 0.9999
 
 
-@pytest.mark.parametrize(
-    ("epoch", "value"), [(1, 0.992), (20, 0.977), (60, 0.853), (100, 0.493), (119, 0.268), (120, 0.0)]
-)
-def test_alpha_schedule_matches_the_reference_values(epoch: int, value: float) -> None:
-    assert alpha_schedule(epoch, 240) == pytest.approx(value, abs=1e-3)
+def released_time_d(epoch: int, max_epoch: int = 120) -> float:
+    """The released code's schedule (``helper/util.py: time_d``), with its 1-based epoch counter."""
+    return 1 - math.exp(-5 * (((epoch + 1) / 160) - 1) ** 2) if epoch < max_epoch else 0.0
 
 
-def test_alpha_schedule_scales_with_the_number_of_epochs() -> None:
-    assert alpha_schedule(30, 60) == 0.0 and alpha_schedule(29, 60) > 0
-    assert alpha_schedule(5, 60) == pytest.approx(alpha_schedule(20, 240), abs=0.01)
+@pytest.mark.parametrize(("t", "value"), [(1, 0.992), (20, 0.977), (60, 0.853), (100, 0.493), (119, 0.268), (120, 0.0)])
+def test_alpha_schedule_matches_the_released_values_one_based(t: int, value: float) -> None:
+    # the released training loop runs ``for epoch in range(1, epochs + 1)``: our 0-based epoch t - 1
+    assert released_time_d(t) == pytest.approx(value, abs=1e-3)
+    assert alpha_schedule(t - 1, 240) == pytest.approx(value, abs=1e-3)
+    assert alpha_schedule(t - 1, 240, released=True) == pytest.approx(value, abs=1e-3)
+
+
+def test_alpha_schedule_first_epoch_is_the_released_first_epoch() -> None:
+    assert alpha_schedule(0, 240) == pytest.approx(released_time_d(1))  # not time_d(0): no epoch behind
+    assert alpha_schedule(118, 240) > 0 and alpha_schedule(119, 240) == 0.0  # t = 119 is the last with α > 0
+
+
+def test_alpha_schedule_scales_with_the_number_of_epochs_unless_released() -> None:
+    assert alpha_schedule(29, 60) == 0.0 and alpha_schedule(28, 60) > 0
+    assert alpha_schedule(4, 60) == pytest.approx(alpha_schedule(19, 240), abs=0.01)
+    # the released constants on a 15-epoch run: the teacher decides throughout
+    assert min(alpha_schedule(e, 15, released=True) for e in range(15)) > 0.97
 
 
 def test_class_thresholds_and_selection() -> None:
