@@ -13,6 +13,7 @@ the validation split (Fashion-MNIST test[0:2000]); the table reports the rest (t
 - ``KD + query prior``: plain KD whose target is the teacher's softened posterior times the crawl
   query's prior (ours), to show how much of the default's gain that signal alone brings.
 - ``KD³ −X``: the faithful KD³ with one component off.
+- ``CE on crawl query``: no teacher: the student learns the crawl query (the webly supervised bar).
 
 Needs the demo's clean, label and teacher outputs (``make demo`` or ``dvc repro label``) and
 Debian's ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``); nothing leaves the machine.
@@ -72,6 +73,7 @@ FAITHFUL = {
 # name -> overrides of the distill section (dotted keys); "default" is params.yaml as shipped
 VARIANTS: dict[str, dict[str, Any]] = {
     "upper: KD on original data": {"method": "kd", "_original": True},
+    "CE on crawl query (web, no teacher)": {"method": "query_ce"},
     "KD (web)": {"method": "kd", "kd": {"query_prior": 0.0}},
     "KD + query prior (web, ours)": {"method": "kd", "kd": {"query_prior": 0.7}},
     "DFND (web)": {"method": "dfnd"},
