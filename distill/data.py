@@ -40,6 +40,14 @@ def to_float(batch: np.ndarray | torch.Tensor, size: int, device: torch.device, 
     return x
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device`` without stalling the host: a copy from pageable memory waits for
+    the GPU's queue to drain, one from pinned memory is queued like a kernel."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def batches(n: int, batch_size: int) -> Iterator[slice]:
     for start in range(0, n, batch_size):
         yield slice(start, min(n, start + batch_size))
@@ -142,7 +150,7 @@ class ImagePool:
     def fetch(self, idx: torch.Tensor) -> torch.Tensor:
         """uint8 rows ``idx`` (a CPU int64 tensor), in that order, on the device."""
         if self.data is not None:
-            return self.data[idx.to(self.data.device)]
+            return self.data[to_device(idx, self.data.device)]
         want = idx.numpy()
         by_pos = np.argsort(want, kind="stable")  # read the memmap in ascending row order
         rows = np.empty((len(want), *self.images.shape[1:]), dtype=self.images.dtype)

@@ -20,6 +20,8 @@ import math
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from distill.data import to_device
+
 # --------------------------------------------------------------------------------------------
 # loss terms
 # --------------------------------------------------------------------------------------------
@@ -127,15 +129,12 @@ def mix_distribution(x: torch.Tensor, generator: torch.Generator | None = None, 
     b = x.shape[0]
     mu = x.mean(dim=(2, 3), keepdim=True).detach()
     sigma = (x.var(dim=(2, 3), keepdim=True, unbiased=True) + 1e-6).sqrt().detach()
-    perm = torch.randperm(b, generator=generator).to(x.device)
-    beta = torch.distributions.Beta(torch.tensor(alpha), torch.tensor(alpha))
-    if generator is not None:  # Beta has no generator argument: draw from a seeded CPU state
-        with torch.random.fork_rng(devices=[]):  # restores the CPU generator only, so seed only that one
-            torch.default_generator.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-            lam = beta.sample((b, 1, 1, 1))
-    else:
-        lam = beta.sample((b, 1, 1, 1))
-    lam = lam.to(x.device, x.dtype)
+    perm = to_device(torch.randperm(b, generator=generator), x.device)
+    # λ ~ Beta(α, α), drawn as torch's Beta draws it (the first share of a Dirichlet(α, α)) but from
+    # ``generator``: no global generator is seeded or read
+    conc = torch.full((b, 2), alpha)
+    lam = torch._sample_dirichlet(conc, generator=generator)[:, 0].view(b, 1, 1, 1)
+    lam = to_device(lam, x.device).to(x.dtype)
     mu_mix = lam * mu + (1 - lam) * mu[perm]
     sigma_mix = lam * sigma + (1 - lam) * sigma[perm]
     return sigma_mix * (x - mu) / sigma + mu_mix

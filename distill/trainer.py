@@ -7,7 +7,11 @@ Each epoch:
 1. selection pass (``Method.select``) over every training row of the pool, in eval mode without
    gradients; under DDP each rank scores a shard and the logits are all-gathered;
 2. a shuffled pass over the selected rows: uint8 rows -> RandomResizedCrop + flip on the device
-   -> ``Method.forward`` -> named loss terms -> NaN guard -> backward -> SGD step;
+   -> ``Method.forward`` -> named loss terms -> backward -> non-finite guard -> fused SGD step. The
+   guard decides on the device (a step with a non-finite loss or gradient is skipped by the
+   optimiser itself); the host reads the verdicts back every ``sync_every`` steps (every step on a
+   CPU, where that costs nothing) and applies ``nan_policy`` in step order, so nothing in a step
+   waits for the GPU;
 3. the evaluation callback (rank 0), a history row, an atomic checkpoint.
 
 Checkpoints hold everything a resumed run needs to continue as if uninterrupted: model, optimizers,
@@ -31,8 +35,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.utils import get_total_norm
 
-from distill.data import ImagePool, random_grayscale, random_resized_crop, to_float, uint8_to_float
+from distill.data import ImagePool, random_grayscale, random_resized_crop, to_device, to_float, uint8_to_float
 from distill.settings import Augment, Runtime, Schedule
 from kd3util import atomic_path, progress_bar
 
@@ -145,8 +150,15 @@ class Trainer:
             momentum=schedule.momentum,
             weight_decay=schedule.weight_decay,
             nesterov=schedule.nesterov,
+            fused=self.device.type in ("cuda", "cpu"),  # fused: takes found_inf, skips a bad step on the device
         )
         self.extra_opts = method.extra_optimizers()
+        self.opts = [self.opt, *self.extra_opts]
+        # steps between host reads of the non-finite guard (and, under DDP, the stop flag): on a CPU
+        # a read costs nothing, on a GPU it stalls the queue the host keeps ahead of the device
+        self.sync_every = 1 if self.device.type == "cpu" else 32
+        self._pending: list[tuple[int, int, torch.Tensor]] = []  # (step, global batch, verdict) not yet read
+        self._seen, self._skipped_run = 0, 0
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule.lr_factor)
         self.order_gen = torch.Generator().manual_seed(seed)  # shared by all ranks: same order
         self.mix_gen = torch.Generator().manual_seed(seed * 1000 + 1 + self.rank)
@@ -348,21 +360,26 @@ class Trainer:
         self._signal = signum
 
     def _stop_requested(self) -> bool:
+        if self.world == 1:
+            return self._signal is not None
+        if self.step % self.sync_every:  # a collective reads back to the host: only every sync_every steps
+            return False
         flag = torch.tensor([0 if self._signal is None else self._signal], dtype=torch.int64)
-        if self.world > 1:  # every rank stops at the same step
-            if self.device.type == "cuda":
-                flag = flag.to(self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if self.device.type == "cuda":
+            flag = flag.to(self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
         return int(flag.item()) != 0
 
-    def _finite(self, value: torch.Tensor) -> bool:
-        """Whether ``value`` is finite on every rank (all ranks must take the same decision)."""
-        ok = torch.isfinite(value.detach().float()).all().to(torch.int64).reshape(1)
+    def _verdict(self, loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
+        """0 finite, 1 non-finite gradient, 2 non-finite loss: a 0-d device tensor, the worst on any
+        rank (every rank skips the same steps), never read back here."""
+        code = (~torch.isfinite(get_total_norm(grads))).long() if grads else torch.zeros((), dtype=torch.long)
+        code = torch.where(torch.isfinite(loss.detach().float()), code.to(loss.device), 2)
         if self.world > 1:
-            if self.device.type != "cuda":
-                ok = ok.cpu()
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        return bool(ok.item())
+            code = code.reshape(1)
+            dist.all_reduce(code, op=dist.ReduceOp.MAX)
+            code = code[0]
+        return code
 
     def fit(self) -> list[dict[str, Any]]:
         old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -374,31 +391,51 @@ class Trainer:
                 signal.signal(s, h)
         return self.history
 
-    def train_step(self, idx: torch.Tensor, u8: torch.Tensor) -> dict[str, torch.Tensor] | str:
-        """One optimiser step on pool rows ``idx`` (uint8 images ``u8``): the named loss terms, or
-        ``"loss"``/``"gradient"`` when that was non-finite on some rank (then no step was taken)."""
+    def train_step(self, idx: torch.Tensor, u8: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One optimiser step on pool rows ``idx`` (uint8 images ``u8``): the named loss terms and the
+        step's verdict (``_verdict``). A non-finite loss or gradient skips the update on the device,
+        so the host never waits for the GPU here; ``_settle`` reads the verdicts back in batches."""
         x = self._view(u8, augmented=True)
         with self._autocast():
-            terms = self.step_fn(x, self.mix_gen, self.queries[idx].to(self.device))
+            terms = self.step_fn(x, self.mix_gen, to_device(self.queries[idx], self.device))
         loss = terms["loss"]
-        for o in [self.opt, *self.extra_opts]:
+        for o in self.opts:
             o.zero_grad(set_to_none=True)
-        if not self._finite(loss):
-            return "loss"
         loss.backward()
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if grads and not self._finite(torch.nn.utils.get_total_norm(grads)):
-            return "gradient"
-        for o in [self.opt, *self.extra_opts]:
-            o.step()
-        return terms
+        code = self._verdict(loss, [p.grad for p in self.params if p.grad is not None])
+        skip = code.gt(0)
+        for o in self.opts:
+            if getattr(o, "_step_supports_amp_scaling", False):  # fused: skips the update when found_inf
+                o.found_inf = skip.float()  # type: ignore[attr-defined]
+                o.step()
+            elif not bool(skip):  # an optimiser that cannot skip on the device: the host decides
+                o.step()
+        return terms, code
+
+    def _settle(self) -> None:
+        """Read back the pending steps' verdicts (one host sync) and account for them in step order:
+        count images and steps, and skip or abort on a non-finite step as ``nan_policy`` says."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        codes = torch.stack([c for _, _, c in pending]).tolist()  # the one read-back
+        for (step, n_glob, _), code in zip(pending, codes, strict=True):
+            if code == 0:
+                self._skipped_run, self._seen, self.global_step = 0, self._seen + n_glob, self.global_step + 1
+                continue
+            self._skipped_run += 1
+            self.epoch_info["skipped_steps"] = self.epoch_info.get("skipped_steps", 0) + 1
+            msg = f"non-finite {'loss' if code == 2 else 'gradient'} at epoch {self.epoch + 1} step {step + 1}"
+            if self.rt.nan_policy == "abort" or self._skipped_run > self.rt.max_skipped:
+                raise NonFiniteLoss(msg + " (no step taken with it; the last checkpoint is intact)")
+            log.warning("%s: step skipped", msg)
 
     def _run_epoch(self) -> None:
         if self.order is None:  # (a checkpoint taken mid-epoch carries its order: no new selection)
             self.select()
         self.method.train()
         sums: dict[str, torch.Tensor] = {}
-        seen, skipped_run, skipped = 0, 0, self.epoch_info.get("skipped_steps", 0)
+        self._pending, self._seen, self._skipped_run = [], 0, 0
         t0 = time.time()
         assert self.order is not None
         steps = max(1, len(self.order) // self.schedule.batch_size)  # as in _batches
@@ -407,24 +444,20 @@ class Trainer:
         for n_glob, idx, u8 in self._batches():
             bar.update(1)
             if self._stop_requested():
+                self._settle()
                 self.save()
                 signum = self._signal or signal.SIGTERM
                 raise TrainingInterrupted(int(signum))
-            result = self.train_step(idx, u8)
-            if isinstance(result, str):  # detected before the optimiser step: the weights stay finite
-                skipped_run, skipped = skipped_run + 1, skipped + 1
-                msg = f"non-finite {result} at epoch {self.epoch + 1} step {self.step + 1}"
-                if self.rt.nan_policy == "abort" or skipped_run > self.rt.max_skipped:
-                    raise NonFiniteLoss(msg + " (no step taken; the last checkpoint is intact)")
-                log.warning("%s: step skipped", msg)
-                self.step += 1
-                continue
-            skipped_run = 0
-            for k, v in result.items():
-                sums[k] = sums.get(k, torch.zeros((), device=self.device)) + v.detach().float() * len(idx)
-            seen += n_glob
+            terms, code = self.train_step(idx, u8)
+            kept = code.eq(0)
+            for k, v in terms.items():  # a skipped step adds nothing (where, not *: its terms may be NaN)
+                term = torch.where(kept, v.detach().float() * len(idx), 0.0)
+                sums[k] = sums[k] + term if k in sums else term
+            self._pending.append((self.step, n_glob, code))
             self.step += 1
-            self.global_step += 1
+            if len(self._pending) >= self.sync_every:
+                self._settle()
+        self._settle()
         bar.close()
         seconds = time.time() - t0
         self.sched.step()
@@ -436,11 +469,11 @@ class Trainer:
             total = v.clone()
             if self.world > 1:
                 dist.all_reduce(total)
-            row[k] = round(float(total) / max(seen, 1), 6)
+            row[k] = round(float(total) / max(self._seen, 1), 6)
         row.update(self.epoch_info)
-        row["skipped_steps"] = skipped
+        row["skipped_steps"] = self.epoch_info.get("skipped_steps", 0)
         row["train_seconds"] = round(seconds, 2)
-        row["images_per_second"] = round(seen / max(seconds, 1e-9), 1)
+        row["images_per_second"] = round(self._seen / max(seconds, 1e-9), 1)
         if self.evaluate is not None and self.rank == 0:
             self.method.student.eval()
             row.update(self.evaluate(self.method.student))
