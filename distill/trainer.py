@@ -152,6 +152,9 @@ class Trainer:
             nesterov=schedule.nesterov,
             fused=self.device.type in ("cuda", "cpu"),  # fused: takes found_inf, skips a bad step on the device
         )
+        if schedule.momentum:  # zero buffers: a first step the fused kernel skips would leave them unset
+            for p in self.params:  # (0 · momentum + grad is bitwise the first step's buffer)
+                self.opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
         self.extra_opts = method.extra_optimizers()
         self.opts = [self.opt, *self.extra_opts]
         # steps between host reads of the non-finite guard (and, under DDP, the stop flag): on a CPU

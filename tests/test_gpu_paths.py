@@ -127,3 +127,20 @@ def test_deferred_guard_skips_on_the_device_and_reports_the_step(tmp_path: Path,
         assert t.global_step == sum(max(1, r["selected"] // 16) for r in t.history) - 1
     assert calls["n"] >= 3  # the steps after the bad one ran before the host looked
     assert all(torch.isfinite(v).all() for v in t.method.state_dict().values() if v.is_floating_point())
+
+
+def test_a_skipped_first_step_leaves_zero_momentum() -> None:
+    """The fused SGD allocates its momentum buffers uninitialised on the first step and writes
+    them only if the step is taken: a skipped first step must not leave garbage for the next."""
+    t = kd3_trainer()
+    t.select()
+    forward = t.method.forward
+    t.step_fn = lambda *a: {**(out := forward(*a)), "loss": out["loss"] * float("nan")}  # type: ignore[assignment]
+    batches = t._batches()
+    _, idx, u8 = next(batches)
+    fill = [torch.full_like(p, 7.0) for p in t.params]  # leave non-zero memory behind for empty_like to reuse
+    del fill
+    _, verdict = t.train_step(idx, u8)
+    assert int(verdict) == 2
+    buffers = [t.opt.state[p]["momentum_buffer"] for p in t.params]
+    assert all(torch.count_nonzero(b) == 0 for b in buffers)
