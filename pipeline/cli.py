@@ -1,19 +1,25 @@
 """The ``kd3`` command line: one thin Typer command per stage, no logic of its own.
 
-Flags override ``params.yaml``; errors become exit codes: 2 for bad usage, params or input files
+Flags override ``params.yaml``, and every stage takes ``--set KEY=VALUE`` for any key of its own
+section (a YAML value; DVC does not see it); errors become exit codes: 2 for bad usage, params or input files
 (the message names the file and key), 1 for a stage that ran and failed, 130 for Ctrl-C and 143
 for SIGTERM (never 0, so DVC does not record an interrupted stage as done).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import importlib.metadata
 import logging
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+import yaml
 
 from pipeline.config import (
     CleanConfig,
@@ -24,6 +30,7 @@ from pipeline.config import (
     LabelConfig,
     TeacherConfig,
     WorldConfig,
+    build,
     check_params,
     load_section,
     read_params,
@@ -41,7 +48,100 @@ mirror_app = typer.Typer(help="The offline web: serve a demo world over loopback
 app.add_typer(mirror_app, name="mirror")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file to read")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="override KEY of this command's params section with a YAML value, e.g. --set kd3.tau=0.9 "
+        "(repeatable; dvc repro does not see it)",
+        show_default=False,
+    ),
+]
 T = TypeVar("T")
+KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _in_params(key: str) -> str:
+    """What ``--help`` shows as the default of a flag whose unset value is the params file's."""
+    return f"{key} in the params file"
+
+
+def _device_opt(section: str) -> Any:
+    return typer.Option(help="auto, cpu or cuda", show_default=_in_params(f"{section}.device"))
+
+
+def _progress_opt(section: str) -> Any:
+    return typer.Option(
+        "--progress/--no-progress", help="progress bars", show_default=_in_params(f"{section}.progress")
+    )
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kd3 {importlib.metadata.version('kd3')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print kd3's version and exit")
+    ] = False,
+) -> None:
+    """Distil a private teacher into a small student using only web-crawled images (KD3, ICCV 2023)."""
+
+
+def _parse_sets(sets: list[str] | None, params: Path, section: str, cls: type) -> list[tuple[str, Any]]:
+    """``KEY=VALUE`` pairs as (dotted key in ``section``, YAML value); a usage error exits 2 naming the pair.
+
+    Warns that DVC does not see them: the outputs then differ from what the params file describes.
+    """
+    fields = {f.name for f in dataclasses.fields(cls)}
+    out, full = [], []
+    for item in sets or []:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not KEY.fullmatch(key):
+            _fail(2, f"--set {item}: expected KEY=VALUE with KEY a dotted key of the {section} section")
+        first, _, rest = key.partition(".")
+        if first == section and rest and section not in fields:  # the params file's full path, as dvc -S takes it
+            key = rest
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            _fail(2, f"--set {item}: not a YAML value ({str(e).splitlines()[0]})")
+        out.append((key, value))
+        full.append(f"{section}.{key}={text}")
+    if out:
+        typer.secho(
+            f"warning: --set is not written to {params}, so DVC does not know about it: keep DVC in step with "
+            f"`dvc exp run -S {' -S '.join(full)}`, or edit {params}",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
+    return out
+
+
+def _section(
+    params: Path, section: str, cls: type[T], sets: list[tuple[str, Any]], flags: dict[str, Any] | None = None
+) -> T:
+    """``load_section`` with the --set pairs applied first (a YAML null included), then the named flags."""
+    if not sets:
+        return load_section(params, section, cls, flags)
+    raw = read_params(params).get(section) or {}
+    if not isinstance(raw, dict):
+        return load_section(params, section, cls)  # its error names the file and section
+    raw = copy.deepcopy(raw)
+    for dotted, value in [*sets, *((k, v) for k, v in (flags or {}).items() if v is not None)]:
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[leaf] = value
+    return build(cls, raw, f"{params} with --set: {section}")
 
 
 def _setup_logging() -> None:
@@ -91,13 +191,15 @@ def _guarded(fn: Callable[[], T]) -> T:
 
 
 @app.command()
-def world(params: ParamsOpt = Path("params.yaml")) -> None:
+def world(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Build the offline demo web (Fashion-MNIST rendered as web photos) into world.out_dir."""
     _setup_logging()
     from pipeline import world_stage
 
+    sets = _parse_sets(set_, params, "world", WorldConfig)
+
     def go() -> Any:
-        cfg = load_section(params, "world", WorldConfig)
+        cfg = _section(params, "world", WorldConfig, sets)
         crawl_cfg = load_section(params, "crawl", CrawlConfig)
         return world_stage.run(cfg, crawl_cfg)
 
@@ -107,16 +209,30 @@ def world(params: ParamsOpt = Path("params.yaml")) -> None:
 @app.command()
 def crawl(
     params: ParamsOpt = Path("params.yaml"),
-    classes: Annotated[Path | None, typer.Option(help="class list, one name per line")] = None,
-    engine: Annotated[list[str] | None, typer.Option("--engine", "-e", help="engine (repeatable)")] = None,
-    per_class: Annotated[int | None, typer.Option(help="target images per class")] = None,
-    out: Annotated[Path | None, typer.Option(help="output folder")] = None,
-    shard: Annotated[str | None, typer.Option(help="i/n: crawl every n-th class starting at i")] = None,
-    urls_file: Annotated[Path | None, typer.Option(help="TSV class<TAB>url for engine 'urls'")] = None,
-    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="progress bars")] = None,
+    classes: Annotated[
+        Path | None, typer.Option(help="class list, one name per line", show_default=_in_params("crawl.classes"))
+    ] = None,
+    engine: Annotated[
+        list[str] | None,
+        typer.Option("--engine", "-e", help="engine (repeatable)", show_default=_in_params("crawl.engines")),
+    ] = None,
+    per_class: Annotated[
+        int | None, typer.Option(help="target images per class", show_default=_in_params("crawl.per_class"))
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder", show_default=_in_params("crawl.out_dir"))] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(help="i/n: crawl every n-th class starting at i", show_default=_in_params("crawl.shard")),
+    ] = None,
+    urls_file: Annotated[
+        Path | None,
+        typer.Option(help="TSV class<TAB>url for engine 'urls'", show_default=_in_params("crawl.urls_file")),
+    ] = None,
+    progress: Annotated[bool | None, _progress_opt("crawl")] = None,
     retry_failed: Annotated[
         bool, typer.Option("--retry-failed", help="request again the URLs an earlier run gave up on")
     ] = False,
+    set_: SetOpt = None,
 ) -> None:
     """Search the web by class name and download images with full provenance (resumable)."""
     _setup_logging()
@@ -133,25 +249,32 @@ def crawl(
     }
     if per_class is not None and per_class < 1:
         _fail(2, f"--per-class: expected an integer >= 1, got {per_class}")
+    sets = _parse_sets(set_, params, "crawl", CrawlConfig)
 
     def go() -> Any:
         if per_class is not None:  # a small --per-class lowers the min_per_class floor with it
             floor = (read_params(params).get("crawl") or {}).get("min_per_class", CrawlConfig.min_per_class)
             if isinstance(floor, int) and floor > per_class:
                 overrides["min_per_class"] = per_class
-        return crawl_stage.run(load_section(params, "crawl", CrawlConfig, overrides), retry_failed=retry_failed)
+        return crawl_stage.run(_section(params, "crawl", CrawlConfig, sets, overrides), retry_failed=retry_failed)
 
     _guarded(go)
 
 
 @app.command()
-def clean(params: ParamsOpt = Path("params.yaml")) -> None:
+def clean(
+    params: ParamsOpt = Path("params.yaml"),
+    progress: Annotated[bool | None, _progress_opt("clean")] = None,
+    set_: SetOpt = None,
+) -> None:
     """Decode safely, filter, remove near-duplicates and pack the crawl into one training array."""
     _setup_logging()
     from pipeline import clean_stage
 
+    sets = _parse_sets(set_, params, "clean", CleanConfig)
+
     def go() -> Any:
-        cfg = load_section(params, "clean", CleanConfig)
+        cfg = _section(params, "clean", CleanConfig, sets, {"progress": progress})
         teacher_cfg = load_section(params, "teacher", TeacherConfig)
         return clean_stage.run(cfg, resolve_image_size(cfg, teacher_cfg.input_size, f"{params}: clean.image_size"))
 
@@ -162,48 +285,86 @@ def clean(params: ParamsOpt = Path("params.yaml")) -> None:
 def teacher(
     params: ParamsOpt = Path("params.yaml"),
     checkpoint: Annotated[
-        Path | None, typer.Option(help="your teacher checkpoint (overrides teacher.checkpoint)")
+        Path | None, typer.Option(help="your teacher checkpoint", show_default=_in_params("teacher.checkpoint"))
     ] = None,
+    device: Annotated[str | None, _device_opt("teacher")] = None,
+    set_: SetOpt = None,
 ) -> None:
     """Validate your teacher checkpoint (or train the demo teacher) and write the teacher record."""
     _setup_logging()
     from pipeline import teacher_stage
 
-    overrides = {"checkpoint": str(checkpoint) if checkpoint else None}
-    _guarded(lambda: teacher_stage.run(load_section(params, "teacher", TeacherConfig, overrides)))
+    overrides = {"checkpoint": str(checkpoint) if checkpoint else None, "device": device}
+    sets = _parse_sets(set_, params, "teacher", TeacherConfig)
+    _guarded(lambda: teacher_stage.run(_section(params, "teacher", TeacherConfig, sets, overrides)))
 
 
 @app.command()
-def label(params: ParamsOpt = Path("params.yaml")) -> None:
+def label(
+    params: ParamsOpt = Path("params.yaml"),
+    device: Annotated[str | None, _device_opt("label")] = None,
+    set_: SetOpt = None,
+) -> None:
     """Pseudo-label every clean image with the teacher (float16 logits, confidence)."""
     _setup_logging()
     from pipeline import label_stage
 
-    _guarded(lambda: label_stage.run(load_section(params, "label", LabelConfig)))
+    sets = _parse_sets(set_, params, "label", LabelConfig)
+    _guarded(lambda: label_stage.run(_section(params, "label", LabelConfig, sets, {"device": device})))
 
 
 @app.command()
 def distill(
     params: ParamsOpt = Path("params.yaml"),
-    method: Annotated[str | None, typer.Option(help="kd3, kd or dfnd (overrides distill.method)")] = None,
-    epochs: Annotated[int | None, typer.Option(help="overrides distill.epochs")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (overrides distill.device)")] = None,
+    method: Annotated[
+        str | None, typer.Option(help="kd3, kd or dfnd", show_default=_in_params("distill.method"))
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="training epochs", show_default=_in_params("distill.epochs"))
+    ] = None,
+    device: Annotated[str | None, _device_opt("distill")] = None,
+    set_: SetOpt = None,
 ) -> None:
     """Train the student on the clean web pool (KD3 by default); resumable; torchrun for multi-GPU."""
     _setup_logging()
     from pipeline import distill_stage
 
     overrides = {"method": method, "epochs": epochs, "device": device}
-    _guarded(lambda: distill_stage.run(load_section(params, "distill", DistillConfig, overrides)))
+    sets = _parse_sets(set_, params, "distill", DistillConfig)
+    _guarded(lambda: distill_stage.run(_section(params, "distill", DistillConfig, sets, overrides)))
 
 
 @app.command()
-def evaluate(params: ParamsOpt = Path("params.yaml")) -> None:
+def evaluate(
+    params: ParamsOpt = Path("params.yaml"),
+    device: Annotated[str | None, _device_opt("evaluate")] = None,
+    set_: SetOpt = None,
+) -> None:
     """Accuracy on a labelled set of the original distribution (metrics/ for dvc metrics show)."""
     _setup_logging()
     from pipeline import evaluate_stage
 
-    _guarded(lambda: evaluate_stage.run(load_section(params, "evaluate", EvaluateConfig)))
+    sets = _parse_sets(set_, params, "evaluate", EvaluateConfig)
+    _guarded(lambda: evaluate_stage.run(_section(params, "evaluate", EvaluateConfig, sets, {"device": device})))
+
+
+@app.command()
+def predict(
+    path: Annotated[Path, typer.Argument(help="an image file, or a folder (searched recursively)", show_default=False)],
+    student: Annotated[Path, typer.Option(help="the exported student's folder (kd3 distill)")] = Path("data/distill"),
+    top_k: Annotated[int, typer.Option(min=1, help="classes per image, best first")] = 1,
+    out: Annotated[
+        Path | None, typer.Option(help="write a CSV here instead of tab-separated lines on stdout", show_default=False)
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="images per forward pass")] = 64,
+) -> None:
+    """Run the exported student on images: path, class and confidence per image (unreadable files are skipped)."""
+    _setup_logging()
+    from pipeline import predict as predict_mod
+
+    if not path.exists():
+        _fail(2, f"{path}: no such file or folder")
+    _guarded(lambda: predict_mod.run(path, student, top_k=top_k, batch_size=batch_size, out=out))
 
 
 @app.command()
