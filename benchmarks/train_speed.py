@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -139,6 +139,16 @@ def reference(pair: str, device: torch.device, n: int, batch: int, steps: int, w
     return {"steps": step_rate, "epoch": n / (n / step_rate + sel)}
 
 
+def cycle_batches(trainer: Trainer, k: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``k`` training batches from the whole pool, reshuffled as often as ``k`` needs: a timing loop
+    must not depend on how many rows a selection kept (random weights may keep one batch)."""
+    n, b = len(trainer.rows), trainer.schedule.batch_size
+    gen = torch.Generator().manual_seed(0)
+    laps = -(-k * b // n)
+    trainer.order, trainer.step = torch.cat([torch.randperm(n, generator=gen) for _ in range(laps)])[: k * b], 0
+    return trainer._batches()
+
+
 def ours(pair: str, device: torch.device, n: int, batch: int, steps: int, compile_: bool = False) -> dict[str, float]:
     method, images = build(pair, device, n)
     size = PAIRS[pair][2]
@@ -154,8 +164,7 @@ def ours(pair: str, device: torch.device, n: int, batch: int, steps: int, compil
         seed=0,
     )
     trainer.select()
-    trainer.order = torch.arange(n)[torch.randperm(n)][: batch * (steps + 3)]
-    it = trainer._batches()
+    it = cycle_batches(trainer, steps + 3)
     method.train()
 
     def run(k: int) -> tuple[int, float]:
@@ -179,10 +188,10 @@ def ours(pair: str, device: torch.device, n: int, batch: int, steps: int, compil
     return {"steps": step_rate, "epoch": n / (n / step_rate + sel)}
 
 
-def busy_fraction(pair: str, device: torch.device, n: int, batch: int, steps: int) -> float | None:
-    """CUDA only: kernel time / wall time over ``steps`` training steps of our trainer (torch.profiler)."""
-    if device.type != "cuda":
-        return None
+def busy_fraction(pair: str, device: torch.device, n: int, batch: int, steps: int) -> float:
+    """Kernel time / wall time over ``steps`` training steps of our trainer (torch.profiler): on CUDA
+    the share of step time the GPU is busy; on a CPU (``--busy``, ``--dry``) the share spent inside
+    torch operators, which runs the same code path without a GPU."""
     from torch.profiler import ProfilerActivity, profile
 
     method, images = build(pair, device, n)
@@ -196,7 +205,8 @@ def busy_fraction(pair: str, device: torch.device, n: int, batch: int, steps: in
         seed=0,
     )
     trainer.select()
-    it = trainer._batches()
+    it = cycle_batches(trainer, steps + 3)
+    method.train()
 
     def one() -> None:
         _, idx, u8 = next(it)
@@ -205,14 +215,16 @@ def busy_fraction(pair: str, device: torch.device, n: int, batch: int, steps: in
     for _ in range(3):
         one()
     sync(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             one()
         sync(device)
         wall = time.perf_counter() - t0
-    kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
-    return kernel_us / 1e6 / wall
+    events = prof.key_averages()
+    busy_us = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in events)
+    return busy_us / 1e6 / wall
 
 
 def main() -> None:
@@ -224,37 +236,15 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=4096, help="pool images (selection pass)")
     ap.add_argument("--workers", type=int, default=2, help="reference DataLoader workers")
     ap.add_argument("--compile", action="store_true", help="also time ours with torch.compile")
-    ap.add_argument("--dry", action="store_true", help="tiny sizes: check that everything runs (no figures)")
+    ap.add_argument("--busy", action="store_true", help="share of step time spent in kernels (default on CUDA)")
+    ap.add_argument("--dry", action="store_true", help="tiny sizes, --busy on: check that everything runs (no figures)")
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/train_speed.md")
     args = ap.parse_args()
     device = resolve_device(args.device)
     out = args.out or default_out(__file__, keep=not args.dry, device=device.type)
     if args.dry:
         args.steps, args.pool, args.batch = 2, 256, 32
-    rows: list[tuple[Any, ...]] = []
-    notes: list[str] = []
-    for pair in args.pairs:
-        batch = args.batch if pair != "imagenet" else min(args.batch, 64)
-        ref = reference(pair, device, args.pool, batch, args.steps, args.workers)
-        variants = [("ours", ours(pair, device, args.pool, batch, args.steps))]
-        if args.compile:
-            variants.append(("ours + torch.compile", ours(pair, device, args.pool, batch, args.steps, True)))
-        for name, res in variants:
-            rows.append(
-                (
-                    pair,
-                    name,
-                    ref["steps"],
-                    res["steps"],
-                    res["steps"] / ref["steps"],
-                    ref["epoch"],
-                    res["epoch"],
-                    res["epoch"] / ref["epoch"],
-                )
-            )
-        busy = busy_fraction(pair, device, args.pool, batch, args.steps)
-        if busy is not None:
-            notes.append(f"{pair}: GPU busy {100 * busy:.0f}% of step time (ours).")
+    args.busy = args.busy or args.dry or device.type == "cuda"
     t_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     lines = [
         f"KD³ training throughput, images/s ({t_name}; batch {args.batch}, {args.steps} timed steps, "
@@ -264,10 +254,26 @@ def main() -> None:
         "| pair | trainer | reference steps | ours steps | ratio | reference epoch | ours epoch | ratio |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r[0]} | {r[1]} | {r[2]:.0f} | {r[3]:.0f} | {r[4]:.2f}x | {r[5]:.0f} | {r[6]:.0f} | {r[7]:.2f}x |"
-        )
+    print("\n".join(lines), flush=True)  # each row follows as soon as it is measured
+    notes: list[str] = []
+    for pair in args.pairs:
+        batch = args.batch if pair != "imagenet" else min(args.batch, 64)
+        ref = reference(pair, device, args.pool, batch, args.steps, args.workers)
+        variants = [("ours", ours(pair, device, args.pool, batch, args.steps))]
+        if args.compile:
+            variants.append(("ours + torch.compile", ours(pair, device, args.pool, batch, args.steps, True)))
+        for name, res in variants:
+            line = (
+                f"| {pair} | {name} | {ref['steps']:.0f} | {res['steps']:.0f} | {res['steps'] / ref['steps']:.2f}x "
+                f"| {ref['epoch']:.0f} | {res['epoch']:.0f} | {res['epoch'] / ref['epoch']:.2f}x |"
+            )
+            lines.append(line)
+            print(line, flush=True)
+        if args.busy:
+            busy = busy_fraction(pair, device, args.pool, batch, args.steps)
+            what = "GPU busy" if device.type == "cuda" else "inside torch operators"
+            notes.append(f"{pair}: {what} {100 * busy:.0f}% of step time (ours).")
+            print(notes[-1], flush=True)
     if notes:
         lines += ["", *notes]
     report(out, "Training speed: kd3's trainer against a reference loop", "\n".join(lines), f"{device} ({t_name})")
