@@ -149,17 +149,21 @@ def test_load_student_refuses_changed_weights(kd3: tuple[Path, KD3Student], tmp_
         load_student(copy)
 
 
+MISSING = "onnx, onnxruntime, onnxscript"
+
+
 @pytest.mark.slow
 def test_without_onnx_the_export_skips_it_with_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     (tmp_path / "student.onnx").write_bytes(b"an earlier run's graph")
-    monkeypatch.setitem(sys.modules, "onnx", None)  # what Python does for a package that is not installed
+    for name in ("onnx", "onnxruntime", "onnxscript"):
+        monkeypatch.setitem(sys.modules, name, None)  # what Python does for a package that is not installed
     caplog.set_level(logging.INFO, "distill.export")
     record = export_student(build_model("resnet8", len(CLASSES)), tmp_path, META)
-    assert record["formats"]["onnx"] == {"skipped": "not installed: onnx (pip install 'kd3[onnx]')"}
+    assert record["formats"]["onnx"] == {"skipped": f"not installed: {MISSING} (pip install 'kd3[onnx]')"}
     lines = [r.getMessage() for r in caplog.records if "ONNX" in r.getMessage()]
-    assert lines == ["ONNX export skipped: onnx not installed (pip install 'kd3[onnx]')"]
+    assert lines == [f"ONNX export skipped: {MISSING} not installed (pip install 'kd3[onnx]')"]
     assert not (tmp_path / "student.onnx").exists()  # no stale file beside a record that disowns it
     assert "sha256" in record["formats"]["torch_export"]
 
