@@ -231,7 +231,7 @@ def export_student(student: nn.Module, out_dir: Path, meta: dict[str, Any]) -> d
     return record
 
 
-def _read_record(out_dir: Path) -> dict[str, Any]:
+def _read_record(out_dir: str | Path) -> dict[str, Any]:
     path = Path(out_dir) / "student.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no exported student (run kd3 distill first)")
@@ -244,7 +244,7 @@ def _read_record(out_dir: Path) -> dict[str, Any]:
     return record
 
 
-def _checked(out_dir: Path, record: dict[str, Any], file_key: str, sha_key: str) -> Path:
+def _checked(out_dir: str | Path, record: dict[str, Any], file_key: str, sha_key: str) -> Path:
     path = Path(out_dir) / record[file_key]
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (named by {Path(out_dir) / 'student.json'}); rerun kd3 distill")
@@ -253,7 +253,7 @@ def _checked(out_dir: Path, record: dict[str, Any], file_key: str, sha_key: str)
     return path
 
 
-def load_exported(out_dir: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+def load_exported(out_dir: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     """The TorchScript student, after checking the archive against the record's SHA-256."""
     record = _read_record(out_dir)
     script = _checked(out_dir, record, "torchscript", "torchscript_sha256")
@@ -262,7 +262,7 @@ def load_exported(out_dir: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]
     return model.eval(), record
 
 
-def load_student(out_dir: Path) -> tuple[Deployable, dict[str, Any]]:
+def load_student(out_dir: str | Path) -> tuple[Deployable, dict[str, Any]]:
     """The student rebuilt in plain PyTorch from ``student.pt`` (no archive code runs), normalisation included.
 
     Takes float RGB in [0, 1], (B, C, S, S); returns logits in the order of ``record["classes"]``.
