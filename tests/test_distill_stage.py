@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -15,19 +14,14 @@ import numpy as np
 import pytest
 import torch
 from blocked_imports import BLOCKED, blocked_env
-from PIL import Image
+from tiny_project import build_stage_inputs
 from typer.testing import CliRunner
 
-from demo.fashion_mnist import fashion_mnist_rgb32
 from distill.export import load_exported
 from distill.models import build_model
-from distill.supervised import train_classifier
-from pipeline import label_stage, teacher_stage
-from pipeline.artifacts.clean import CleanSet
 from pipeline.cli import app
-from pipeline.config import LabelConfig, TeacherConfig
 
-from conftest import REPO, TINY_CLASSES, synthetic_items
+from conftest import REPO, TINY_CLASSES
 
 runner = CliRunner()
 KD3 = [sys.executable, "-m", "pipeline.cli"]
@@ -35,60 +29,8 @@ KD3 = [sys.executable, "-m", "pipeline.cli"]
 
 @pytest.fixture(scope="module")
 def stage_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A teacher record, a packed pool of 96 images and its labels, and an eval folder (built once)."""
-    root = tmp_path_factory.mktemp("distill")
-    (root / "classes.txt").write_text("\n".join(TINY_CLASSES) + "\n")
-    images, labels = synthetic_items(32, 3)
-    pool = fashion_mnist_rgb32(images)
-    torch.manual_seed(0)
-    teacher = build_model("resnet8", 3)
-    cfg = TeacherConfig(
-        checkpoint=str(root / "teacher.pt"),
-        classes=str(root / "classes.txt"),
-        out_dir=str(root / "teacher"),
-        device="cpu",
-    )
-    train_classifier(
-        teacher,
-        pool,
-        labels,
-        mean=cfg.mean,
-        std=cfg.std,
-        input_size=32,
-        epochs=3,
-        batch_size=32,
-        lr=0.05,
-        weight_decay=0.0,
-        seed=0,
-        device=torch.device("cpu"),
-    )
-    torch.save(teacher.state_dict(), root / "teacher.pt")
-    teacher_stage.run(cfg)
-    (root / "clean").mkdir()
-    np.save(root / "clean" / "images.npy", pool)
-    keys = [hashlib.sha256(im.tobytes() + bytes([i])).hexdigest() for i, im in enumerate(pool)]
-    kept = [
-        {
-            "sha256": k,
-            "path": f"objects/{k}.png",
-            "class_name": TINY_CLASSES[c],
-            "class_index": int(c),
-            "classes": [TINY_CLASSES[c]],
-        }
-        for k, c in zip(keys, labels, strict=True)
-    ]
-    CleanSet.save_index(root / "clean", kept, {"kept": len(kept)}, TINY_CLASSES)
-    label_stage.run(
-        LabelConfig(
-            clean_dir=str(root / "clean"), teacher_dir=str(root / "teacher"), out_dir=str(root / "label"), device="cpu"
-        )
-    )
-    for k, name in enumerate(TINY_CLASSES):
-        d = root / "eval" / name.replace("/", "_")
-        d.mkdir(parents=True)
-        for i in np.flatnonzero(labels == k)[:4]:
-            Image.fromarray(pool[i]).save(d / f"{i}.png")
-    return root
+    """The tiny project (built once)."""
+    return build_stage_inputs(tmp_path_factory.mktemp("distill"))
 
 
 def write_params(root: Path, work: Path, epochs: int = 2, **distill: object) -> Path:
