@@ -75,7 +75,7 @@ def _load(path: Path, size: int) -> np.ndarray | Skipped:
     try:
         return resize_square(decode_image(data, limits, draft=size).image, size, "crop")
     except ImageRejected as e:
-        return Skipped(path, e.reason, str(e))
+        return Skipped(path, e.reason, str(e).removeprefix(f"{e.reason}: "))
 
 
 def predict_files(
