@@ -299,7 +299,7 @@ def model_card(record: dict[str, Any]) -> str:
         f"std {record['std']}",
         f"- Output: logits for {len(classes)} classes, in this order: {', '.join(classes)}",
         f"- Teacher SHA-256: {record.get('teacher_sha256')}",
-        f"- Training data: the web images in {record.get('clean_dir')}; training images: "
+        f"- Training data: the web images in {_fmt(record.get('clean_dir'))}; training images: "
         f"{_fmt(record.get('train_images'))}, held out: {_fmt(record.get('heldout_images'))} "
         f"(holdout fraction {_fmt(record.get('holdout'))})",
         f"- Validation accuracy at export: {_fmt(record.get('val_accuracy'))}",

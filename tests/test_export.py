@@ -147,6 +147,11 @@ def test_load_student_refuses_changed_weights(kd3: tuple[Path, KD3Student], tmp_
     (copy / "student.pt").write_bytes((copy / "student.pt").read_bytes() + b"\0")
     with pytest.raises(ValueError, match=r"student\.pt: does not match .*student\.json"):
         load_student(copy)
+    record = json.loads((copy / "student.json").read_text())
+    del record["arch"]  # a record written before the arch was recorded
+    (copy / "student.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"student\.json: no 'arch' \(exported by an older kd3\); rerun kd3 distill"):
+        load_student(copy)
 
 
 MISSING = "onnx, onnxruntime, onnxscript"

@@ -59,6 +59,8 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Image.fromarray(images[1]).convert("RGB").resize((64, 64)).save(good, "PNG")
     (root / "Trouser" / "cut.png").write_bytes(good.getvalue()[:200])  # truncated mid-stream
     (root / "Trouser" / "empty.png").write_bytes(b"")
+    with open(root / "Trouser" / "huge.jpg", "wb") as f:  # sparse: over the 20 MB cap without using the disk
+        f.truncate(20_000_001)
     (root / "notes.txt").write_text("not an image, not counted")
     return root
 
@@ -81,14 +83,15 @@ def test_folder_prints_path_class_confidence_and_counts_skips(student: Path, pho
     assert f"skipped {photos / 'Bag' / 'noise.jpg'}: unidentified" in err
     assert f"skipped {photos / 'Trouser' / 'empty.png'}: empty" in err
     assert f"skipped {photos / 'Trouser' / 'cut.png'}: truncated (" in err and "(truncated:" not in err
-    assert "predict: 10 images, 3 skipped (" in err and "notes.txt" not in result.output
+    assert f"skipped {photos / 'Trouser' / 'huge.jpg'}: too_large (20000001 bytes)" in err
+    assert "predict: 10 images, 4 skipped (" in err and "notes.txt" not in result.output
 
 
 @pytest.mark.slow
 def test_predictions_match_how_evaluate_scores_a_folder(student: Path, photos: Path, tmp_path: Path) -> None:
     clean = tmp_path / "eval"  # evaluate's folder reader refuses damaged files: give it only the good ones
     for f in photos.glob("*/*"):
-        if f.suffix in {".png", ".jpg"} and f.name not in {"noise.jpg", "cut.png", "empty.png"}:
+        if f.suffix in {".png", ".jpg"} and f.name not in {"noise.jpg", "cut.png", "empty.png", "huge.jpg"}:
             (clean / f.parent.name).mkdir(parents=True, exist_ok=True)
             shutil.copy(f, clean / f.parent.name / f.name)
     model, record = load_student(student)
