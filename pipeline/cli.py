@@ -89,7 +89,7 @@ def main(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="print kd3's version and exit")
     ] = False,
 ) -> None:
-    """Distil a private teacher into a small student using only web-crawled images (KD3, ICCV 2023)."""
+    """Options before the command (``kd3 --version``); the app's help text stays the one given above."""
 
 
 def _parse_sets(sets: list[str] | None, params: Path, section: str, cls: type) -> list[tuple[str, Any]]:
