@@ -29,6 +29,7 @@ RESULTS=$(cd "$RESULTS" && pwd)
 LOG=$RESULTS/gpu_check.log
 : >"$LOG" || { echo "gpu_check: cannot write $LOG" >&2; exit 2; }
 exec > >(tee -a "$LOG") 2>&1
+TEE=$!
 export PYTHONUNBUFFERED=1 PYTEST_DISABLE_PLUGIN_AUTOLOAD=1  # rows as they come; no plugins the machine lacks
 
 if [ $DRY = 1 ]; then
@@ -138,4 +139,6 @@ echo
 echo "== summary ($SECONDS s in all; log: $LOG)"
 cat "$STEPS"
 [ $FAILED = 0 ] || echo "gpu_check: $FAILED step(s) failed"
+exec >&- 2>&-  # let tee see the end of its input and finish writing the log before the script exits
+wait "$TEE"
 exit $((FAILED > 0))
