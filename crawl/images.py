@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import imagehash
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -214,6 +213,8 @@ def analyze_file(path: str | Path, params: AnalyzeParams, sha256: str | None = N
         img = img.reduce(factor)
     hs = params.hash_size
     grey = img.convert("L").resize((hs * 4, hs * 4), Image.Resampling.LANCZOS)  # what imagehash.phash resizes to
+    import imagehash  # only here: scoring or predicting with the student needs no pHash (nor the package)
+
     ph = imagehash.phash(grey, hash_size=hs)
     small_rgb = np.asarray(img.resize((STATS, STATS), Image.Resampling.BILINEAR), dtype=np.uint8).reshape(-1, 3)
     hist = np.bincount(np.asarray(grey.resize((STATS, STATS), Image.Resampling.BILINEAR)).ravel(), minlength=256)

@@ -78,7 +78,7 @@ def instance_align(u: torch.Tensor, u_tilde: torch.Tensor, temperature: float = 
     z = torch.cat([u, u_tilde], dim=0)  # (2B, D)
     sim = z @ z.t() / temperature  # (2B, 2B) cosine similarities / t
     sim = sim.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=z.device), float("-inf"))
-    positives = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+    positives = torch.cat([torch.arange(b, 2 * b, device=z.device), torch.arange(0, b, device=z.device)])
     return F.cross_entropy(sim, positives)
 
 

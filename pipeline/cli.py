@@ -156,9 +156,6 @@ def _fail(code: int, message: str) -> None:
 def _guarded(fn: Callable[[], T]) -> T:
     """Run a stage, mapping known failures to exit codes with a one-line message."""
     from crawl.classes import ClassFileError
-    from crawl.crawler import CrawlError
-    from crawl.sources import SourceError
-    from crawl.store import DiskFullError, StoreLockedError
     from kd3util import Terminated
 
     try:
@@ -175,17 +172,10 @@ def _guarded(fn: Callable[[], T]) -> T:
             raise typer.Exit(143) from None
         typer.secho("interrupted: completed work is kept; rerun to resume", err=True)
         raise typer.Exit(130) from None
-    except (
-        CrawlError,
-        SourceError,
-        StoreLockedError,
-        DiskFullError,
-        FileNotFoundError,
-        PermissionError,
-        ValueError,
-        OSError,
-        RuntimeError,
-    ) as e:  # TeacherError and FeatureAccessError are ValueErrors
+    except (ValueError, OSError, RuntimeError) as e:
+        # the stages' own errors derive from these: CrawlError, SourceError and StoreLockedError are
+        # RuntimeErrors, DiskFullError an OSError, TeacherError and FeatureAccessError ValueErrors
+        # (not imported here, so that a stage without the crawl's packages still reports its errors)
         _fail(1, str(e))
     raise AssertionError("unreachable")
 

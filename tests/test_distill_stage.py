@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from blocked_imports import BLOCKED, blocked_env
-from tiny_project import build_stage_inputs
 from typer.testing import CliRunner
 
 from distill.export import load_exported
 from distill.models import build_model
 from pipeline.cli import app
 
+from blocked_imports import BLOCKED, blocked_env
 from conftest import REPO, TINY_CLASSES
+from tiny_project import build_stage_inputs
 
 runner = CliRunner()
 KD3 = [sys.executable, "-m", "pipeline.cli"]
@@ -240,3 +240,16 @@ def test_distill_stage_runs_without_crawl_and_dvc_packages(stage_inputs: Path, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "loaded: []" in proc.stdout
     assert (tmp_path / "distill" / "student.ts").is_file()
+
+
+def test_kd3_distill_command_with_validation_runs_without_crawl_and_dvc_packages(
+    stage_inputs: Path, tmp_path: Path
+) -> None:
+    """The same machine through the command line, with the per-epoch validation on an image folder:
+    neither the CLI's error handling nor the folder reader may need the crawl's packages."""
+    env = blocked_env(tmp_path / "site")
+    params = write_params(stage_inputs, tmp_path, epochs=1)  # eval.eval_dir: a labelled image folder
+    code = "import sys\nfrom pipeline.cli import app\nsys.argv = ['kd3', 'distill', '--params', sys.argv[1]]\napp()"
+    proc = subprocess.run([sys.executable, "-c", code, str(params)], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "val_accuracy" in (tmp_path / "metrics" / "distill_epochs.csv").read_text()

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import test_gpu
-from blocked_imports import blocked_env
-from tiny_project import build_stage_inputs
 
+from blocked_imports import blocked_env
 from conftest import REPO
+from tiny_project import build_stage_inputs
 
 
 @pytest.mark.slow
