@@ -194,6 +194,9 @@ def _run(cfg: DistillConfig, device: torch.device) -> dict[str, Any]:
         "teacher_sha256": record.sha256,
         "holdout": cfg.holdout,
         "clean_dir": cfg.clean_dir,
+        "train_images": int((~held).sum()),
+        "heldout_images": int(held.sum()),
+        "val_accuracy": history[-1].get("val_accuracy"),  # the model card shows what is known at export
     }
     export = export_student(method.student, out, meta)
     last = history[-1]
@@ -219,6 +222,7 @@ def _run(cfg: DistillConfig, device: torch.device) -> dict[str, Any]:
     va = summary["val_accuracy_last"]
     val = f", validation accuracy {va:.4f}" if va is not None else ""
     print(
-        f"distill: done in {summary['train_seconds']} s{val}; student exported to {out / 'student.ts'}", file=sys.stderr
+        f"distill: done in {summary['train_seconds']} s{val}; student exported to {out}/ (model_card.md)",
+        file=sys.stderr,
     )
     return summary

@@ -82,3 +82,18 @@ def test_without_sharing_the_students_own_classifier_learns_by_kd() -> None:
     out["loss"].backward()
     assert out["kd"] > 0 and clf.weight.grad is not None and clf.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_the_released_alpha_constants_are_a_switch() -> None:
+    from distill.methods.kd3 import KD3Method
+    from distill.teacher import Teacher
+
+    teacher = Teacher(build_model("resnet8", 3), [0.5] * 3, [0.25] * 3)
+    t = torch.tensor([[4.0, 0.0, 0.0]] * 4)  # the teacher says class 0 ...
+    s = torch.tensor([[0.0, 0.0, 4.0]] * 4)  # ... the student class 2
+    picks = {}
+    for schedule in ("scaled", "released"):
+        method = KD3Method(teacher, build_model("resnet8", 3), KD3Options(alpha_schedule=schedule), input_size=32)
+        picks[schedule] = method.select(10, 15, t, s)[1]  # epoch 11 of 15: past the scaled cut (7.5)
+    assert (picks["scaled"] == 2).all()  # α = 0: the student decides
+    assert (picks["released"] == 0).all()  # α ≈ 0.98: the teacher decides

@@ -56,6 +56,9 @@ class KD3Options:
     temperature: float = knob(0.3, 0, lo_open=True)  # NT-Xent temperature
     kd_weight: float = knob(0.0, 0)  # ours, off in the paper: Hinton KD (T=4) on the shared-classifier logits
     query_prior: float = knob(0.0, 0, 0.999)  # ours: ρ, the crawl query as a prior on the label (0: off)
+    alpha_schedule: Literal["scaled", "released"] = "scaled"  # the selection's teacher weight α over the
+    # epochs: "scaled" stretches the released ramp (160 of 240 epochs, cut at 120) to the run's length;
+    # "released" keeps those constants (a short run then keeps α ≈ 1: the teacher decides throughout)
 
 
 class Projector(nn.Module):
@@ -219,6 +222,7 @@ class KD3Method(Method):
         self.loss_fn = KD3Loss(o)
         self.selection, self.tau, self.adaptive_thresholds = o.selection, o.tau, o.adaptive_thresholds
         self.query_prior, self.selection_view = o.query_prior, o.selection_view
+        self.released_alpha = o.alpha_schedule == "released"
 
     def describe(self) -> str:
         sel = "dynamic selection" if self.selection else "no selection"
@@ -239,7 +243,7 @@ class KD3Method(Method):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.selection or student_logits is None:
             return super().select(epoch, epochs, teacher_logits, student_logits)
-        alpha = alpha_schedule(epoch, epochs)
+        alpha = alpha_schedule(epoch, epochs, released=self.released_alpha)
         if self.query_prior and queries is not None:  # ours: select on the posterior given the query
             student_logits = student_logits + query_log_prior(queries, teacher_logits.shape[1], self.query_prior)
             teacher_logits = teacher_logits + query_log_prior(queries, teacher_logits.shape[1], self.query_prior)
