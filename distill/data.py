@@ -25,6 +25,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+POOL_SHARE_OF_FREE_MEMORY = 0.5  # the rest is for the networks, activations and the allocator's slack
+
+
+def pool_budget_bytes(setting_mb: int | None, device: torch.device, free_bytes: int | None = None) -> int:
+    """How many bytes of the device the uint8 pool may occupy (a larger pool streams from the host).
+
+    ``setting_mb`` is ``distill.gpu_memory_budget_mb``; null sizes it from the device: half of the
+    memory free when training starts (``free_bytes``, read from CUDA when not given). On the CPU the
+    pool is never copied, so the budget is 0.
+    """
+    if device.type != "cuda":
+        return 0
+    if setting_mb is not None:
+        return setting_mb << 20
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    return int(free_bytes * POOL_SHARE_OF_FREE_MEMORY)
+
+
 def to_float(batch: np.ndarray | torch.Tensor, size: int, device: torch.device, in_chans: int = 3) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, in_chans, size, size) float in [0, 1] on ``device`` (bilinear, antialiased)."""
     if isinstance(batch, np.ndarray):

@@ -255,7 +255,7 @@ class DistillConfig:
     channels_last: bool = same_as(Runtime, "channels_last")
     compile: bool = same_as(Runtime, "compile")
     nan_policy: Literal["abort", "skip"] = same_as(Runtime, "nan_policy")
-    gpu_memory_budget_mb: int = knob(4096, 0)  # a larger pool streams from host memory
+    gpu_memory_budget_mb: int | None = knob(None, 0)  # the pool's share of the GPU; null: half its free memory
     truth: str | None = None  # demo only: the world's truth, for selection precision (never trained on)
     eval: DistillEval = field(default_factory=DistillEval)
     # one section per method (distill.kd3, distill.kd, ...), each the method's own Options dataclass

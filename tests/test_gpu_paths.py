@@ -144,3 +144,13 @@ def test_a_skipped_first_step_leaves_zero_momentum() -> None:
     assert int(verdict) == 2
     buffers = [t.opt.state[p]["momentum_buffer"] for p in t.params]
     assert all(torch.count_nonzero(b) == 0 for b in buffers)
+
+
+def test_the_pool_budget_follows_the_device() -> None:
+    from distill.data import pool_budget_bytes
+
+    assert pool_budget_bytes(None, torch.device("cpu")) == 0  # the CPU never copies the pool
+    assert pool_budget_bytes(4096, torch.device("cpu")) == 0
+    gpu = torch.device("cuda", 0)
+    assert pool_budget_bytes(None, gpu, free_bytes=80 << 30) == 40 << 30  # half of what is free
+    assert pool_budget_bytes(1024, gpu, free_bytes=80 << 30) == 1024 << 20  # a set budget wins
