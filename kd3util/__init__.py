@@ -36,6 +36,7 @@ __all__ = [
     "sigterm_as_interrupt",
     "write_bytes",
     "write_json",
+    "write_metrics",
     "write_text",
 ]
 
@@ -74,6 +75,16 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented UTF-8 JSON, atomically."""
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
+    """A DVC metrics file: the numbers in ``path`` (what ``dvc metrics show``, ``dvc exp show`` and
+    ``dvc metrics diff`` compare), everything else (names, per-class tables) in
+    ``<stem>_details.json`` beside it, so the metrics table stays one short row per run."""
+    path = Path(path)
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    write_json(path, numbers)
+    write_json(path.with_name(f"{path.stem}_details.json"), {k: v for k, v in metrics.items() if k not in numbers})
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -35,7 +35,7 @@ from distill.methods import build_method
 from distill.models import build_model
 from distill.settings import Augment, Runtime, Schedule
 from distill.trainer import Trainer
-from kd3util import atomic_path, pick, write_json
+from kd3util import atomic_path, pick, write_json, write_metrics
 from pipeline.artifacts import check_classes
 from pipeline.artifacts.clean import CleanSet
 from pipeline.artifacts.label import PseudoLabels
@@ -218,7 +218,7 @@ def _run(cfg: DistillConfig, device: torch.device) -> dict[str, Any]:
     }
     if trainer.last_selection is not None:
         _selection_sheets(trainer, images, classes, out / "sheets")
-    write_json(metrics_dir / "distill.json", summary)
+    write_metrics(metrics_dir / "distill.json", summary)
     write_json(out / "report.json", {**summary, "describe": describe, "history": history, "export": export})
     _write_epochs_csv(history, metrics_dir / "distill_epochs.csv")
     va = summary["val_accuracy_last"]

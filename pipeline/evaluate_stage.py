@@ -26,7 +26,7 @@ from distill.data import holdout_mask, resolve_device
 from distill.label import confusion, predict
 from distill.plots import confusion_image, message_image
 from distill.teacher import Teacher
-from kd3util import write_json
+from kd3util import write_metrics
 from pipeline.artifacts.clean import CleanSet
 from pipeline.artifacts.student import ExportedStudent
 from pipeline.artifacts.teacher import TeacherRecord
@@ -48,7 +48,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     if not (cfg.eval_dir or cfg.fashion_mnist):
         # no labelled images of the original distribution: agreement with the teacher is all we can measure
         metrics: dict[str, Any] = {"eval_set": None, "eval_images": 0, "teacher_sha256": record.sha256}
-        write_json(out / "teacher.json", metrics)
+        write_metrics(out / "teacher.json", metrics)
         message_image(out / "teacher_confusion.png", "teacher", NO_EVAL_SET)
         print(f"evaluate: {NO_EVAL_SET}", file=sys.stderr)
         if cfg.student_dir:
@@ -77,7 +77,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         "skipped_files": skipped,
         "teacher_sha256": record.sha256,
     }
-    write_json(out / "teacher.json", metrics)
+    write_metrics(out / "teacher.json", metrics)
     confusion_image(cm, classes, out / "teacher_confusion.png", f"teacher on {source}")
     print(
         f"evaluate: teacher accuracy {metrics['teacher_accuracy']:.4f} on {len(labels)} images ({source})",
@@ -128,7 +128,7 @@ def _student(
         web = clean.images[rows]
         t_web = predict(teacher, web, **{**kw, "device": device}).argmax(1)  # the teacher loaded once, in run()
         metrics["agreement_heldout_web"] = round(float((predict(model, web, **kw).argmax(1) == t_web).mean()), 4)
-    write_json(out / "student.json", metrics)
+    write_metrics(out / "student.json", metrics)
     on_web = f"{metrics.get('agreement_heldout_web', float('nan')):.4f} on {len(rows)} held-out web images"
     if labelled is not None:
         print(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +129,24 @@ def test_dvc_repro_runs_the_whole_pipeline_then_nothing(repo_copy: Path) -> None
     assert again.returncode == 0, again.stderr
     ran = [s for s in ("crawl", "clean", "label", "distill", "evaluate") if f"Running stage '{s}'" in again.stdout]
     assert ran == [], again.stdout
+
+    # an experiment keeps its metrics: dvc exp show reads them back from the experiment's commit
+    exp = run(["dvc", "exp", "run", "-S", "distill.epochs=1", "--name", "one-epoch"], repo_copy)
+    assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
+    shown = run(["dvc", "exp", "show", "--json"], repo_copy)
+    assert shown.returncode == 0, shown.stderr
+    found = dict(experiment_metrics(json.loads(shown.stdout), "student_accuracy"))
+    assert "one-epoch" in found and isinstance(found["one-epoch"], float), found
+
+
+def experiment_metrics(node: object, key: str, name: str | None = None) -> Iterator[tuple[str | None, object]]:
+    """(experiment name, value of ``key``) for every metrics file in ``dvc exp show --json`` output."""
+    if isinstance(node, dict):
+        name = node.get("name", name) if isinstance(node.get("name"), str) else name
+        if key in node and not isinstance(node[key], (dict, list)):
+            yield name, node[key]
+        for value in node.values():
+            yield from experiment_metrics(value, key, name)
+    elif isinstance(node, list):
+        for value in node:
+            yield from experiment_metrics(value, key, name)

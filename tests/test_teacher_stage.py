@@ -131,7 +131,9 @@ def test_swap_in_a_user_checkpoint_then_label_and_evaluate(project: Path, kind: 
     result = runner.invoke(app, ["evaluate", "--params", params])
     assert result.exit_code == 0, result.output
     metrics = json.loads((project / "metrics" / "teacher.json").read_text())
-    assert metrics["eval_images"] == 9 and set(metrics["teacher_per_class"]) == set(TINY_CLASSES)
+    details = json.loads((project / "metrics" / "teacher_details.json").read_text())
+    assert metrics["eval_images"] == 9 and set(details["teacher_per_class"]) == set(TINY_CLASSES)
+    assert all(isinstance(v, (int, float)) for v in metrics.values())  # dvc metrics: numbers only
     assert (project / "metrics" / "teacher_confusion.png").is_file()
 
 
