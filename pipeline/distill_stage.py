@@ -86,18 +86,27 @@ def _selection_sheets(trainer: Trainer, images: np.ndarray, classes: list[str], 
     rows = trainer.rows.numpy()
     folder.mkdir(parents=True, exist_ok=True)
     for kept, name in ((True, "selection_kept.png"), (False, "selection_dropped.png")):
-        grid = []
+        grid, empty = [], []
         for k, c in enumerate(classes):
             pick = np.flatnonzero((pred.numpy() == k) & (mask.numpy() == kept))[:per]
             if len(pick):
                 grid.append([(np.asarray(images[rows[i]]), c if j == 0 else "") for j, i in enumerate(pick)])
+            else:
+                empty.append(c)
         if not grid:
             continue
-        if bool(mask.all()):  # no selection (switched off, or it kept everything): one sheet, said so
-            title = "last epoch: training images (every image; no selection), one row per teacher label"
-        else:
-            title = f"last epoch: {'kept' if kept else 'dropped'} by the selection, one row per pseudo-class"
-        contact_sheet(grid, folder / name, title=title, outline_first=False)
+        contact_sheet(grid, folder / name, title=sheet_title(bool(mask.all()), kept, empty), outline_first=False)
+
+
+def sheet_title(no_selection: bool, kept: bool, empty: list[str]) -> str:
+    """The selection sheet's title: what its rows are, and the classes that have no row."""
+    if no_selection:  # switched off, or it kept everything: one sheet, and it says so
+        title = "last epoch: training images (every image; no selection), one row per teacher label"
+    else:
+        title = f"last epoch: {'kept' if kept else 'dropped'} by the selection, one row per pseudo-class"
+    if empty:  # a class with no row is news (the teacher never predicts it), not something to hide
+        title += f"; none for: {', '.join(empty[:8])}{' …' if len(empty) > 8 else ''}"
+    return title
 
 
 def run(cfg: DistillConfig) -> dict[str, Any]:

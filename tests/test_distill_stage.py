@@ -253,3 +253,12 @@ def test_kd3_distill_command_with_validation_runs_without_crawl_and_dvc_packages
     proc = subprocess.run([sys.executable, "-c", code, str(params)], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "val_accuracy" in (tmp_path / "metrics" / "distill_epochs.csv").read_text()
+
+
+def test_the_selection_sheet_says_what_it_shows_and_which_classes_have_no_row() -> None:
+    from pipeline.distill_stage import sheet_title
+
+    assert "no selection" in sheet_title(True, True, []) and "kept by" not in sheet_title(True, True, [])
+    assert sheet_title(False, False, []).startswith("last epoch: dropped by the selection")
+    assert sheet_title(False, True, ["Shirt", "Coat"]).endswith("; none for: Shirt, Coat")
+    assert sheet_title(False, True, [f"c{i}" for i in range(12)]).endswith("c7 …")
