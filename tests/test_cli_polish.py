@@ -11,29 +11,12 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import (
-    CleanConfig,
-    CrawlConfig,
-    DistillConfig,
-    EvaluateConfig,
-    LabelConfig,
-    TeacherConfig,
-    WorldConfig,
-)
+from pipeline.config import SECTIONS as STAGES
 
 from conftest import TINY_CLASSES, synthetic_items, write_idx
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "200"}  # one help entry per line
-STAGES = {
-    "world": WorldConfig,
-    "crawl": CrawlConfig,
-    "clean": CleanConfig,
-    "teacher": TeacherConfig,
-    "label": LabelConfig,
-    "distill": DistillConfig,
-    "evaluate": EvaluateConfig,
-}
 
 
 @pytest.fixture()

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import (
+    SECTIONS,
     CleanConfig,
     ConfigError,
     CrawlConfig,
@@ -86,14 +87,7 @@ def test_missing_section_gives_defaults(tmp_path: Path) -> None:
 )
 def test_bad_params_name_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:
     p = write(tmp_path, text)
-    cls = {
-        "world": WorldConfig,
-        "crawl": CrawlConfig,
-        "clean": CleanConfig,
-        "teacher": TeacherConfig,
-        "label": LabelConfig,
-        "evaluate": EvaluateConfig,
-    }[text.split(":")[0]]
+    cls = SECTIONS[text.split(":")[0]]
     with pytest.raises(ConfigError, match=message) as e:
         load_section(p, text.split(":")[0], cls)
     assert str(p) in str(e.value)
@@ -138,20 +132,11 @@ def test_config_is_frozen() -> None:
 
 def test_dvc_yaml_params_are_config_fields() -> None:
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    sections = {
-        "world": WorldConfig,
-        "crawl": CrawlConfig,
-        "clean": CleanConfig,
-        "teacher": TeacherConfig,
-        "label": LabelConfig,
-        "distill": DistillConfig,
-        "evaluate": EvaluateConfig,
-    }
     for name, stage in dvc["stages"].items():
         assert stage["cmd"] == f"kd3 {name}"
         for key in stage.get("params", []):
             section, *rest = key.split(".")
-            cls = sections[section]
+            cls = SECTIONS[section]
             if rest:
                 assert rest[0] in cls.__dataclass_fields__, key
 

@@ -17,15 +17,6 @@ from conftest import REPO
 
 PACKAGES = ("pipeline", "crawl", "distill", "kd3util", "demo")
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-SECTIONS = {
-    "world": config.WorldConfig,
-    "crawl": config.CrawlConfig,
-    "clean": config.CleanConfig,
-    "teacher": config.TeacherConfig,
-    "label": config.LabelConfig,
-    "distill": config.DistillConfig,
-    "evaluate": config.EvaluateConfig,
-}
 
 
 def module_file(name: str) -> Path | None:
@@ -93,10 +84,10 @@ def test_each_stage_depends_on_the_code_it_imports(stage: str) -> None:
 def test_each_stage_is_a_command_and_its_params_are_config_fields(stage: str) -> None:
     commands = {c.name or c.callback.__name__ for c in app.registered_commands}  # type: ignore[union-attr]
     assert stage in commands
-    fields = {f.name for f in dataclasses.fields(SECTIONS[stage])}
+    fields = {f.name for f in dataclasses.fields(config.SECTIONS[stage])}
     for entry in DVC[stage].get("params", []):
         section, _, key = (entry if isinstance(entry, str) else next(iter(entry))).partition(".")
-        cls = SECTIONS[section]
+        cls = config.SECTIONS[section]
         assert key == "" or key.split(".")[0] in {f.name for f in dataclasses.fields(cls)}, entry
     assert fields  # the stage has a config section
 

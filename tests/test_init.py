@@ -15,15 +15,6 @@ from pipeline.cli import app
 from conftest import REPO
 
 runner = CliRunner()
-SECTIONS = {
-    "world": config.WorldConfig,
-    "crawl": config.CrawlConfig,
-    "clean": config.CleanConfig,
-    "teacher": config.TeacherConfig,
-    "label": config.LabelConfig,
-    "distill": config.DistillConfig,
-    "evaluate": config.EvaluateConfig,
-}
 
 
 def test_init_fills_what_a_torchvision_checkpoint_tells_and_says_what_it_assumed(tmp_path: Path) -> None:
@@ -52,7 +43,7 @@ def test_init_fills_what_a_torchvision_checkpoint_tells_and_says_what_it_assumed
     assert p["teacher"]["arch"] == "torchvision/resnet18" and p["teacher"]["mean"] == [0.485, 0.456, 0.406]
     assert p["crawl"]["engines"] == ["urls"] and p["label"]["truth"] is None and p["distill"]["truth"] is None
     assert p["evaluate"]["fashion_mnist"] is None and p["clean"]["image_size"] is None
-    for section, cls in SECTIONS.items():  # every section is a valid config
+    for section, cls in config.SECTIONS.items():  # every section is a valid config
         config.load_section(out, section, cls)
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "exists; pass --force" in again.output
