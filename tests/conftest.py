@@ -20,6 +20,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from crawl.classes import parse_classes
+from crawl.crawler import ClassReport, Crawler
+from crawl.download import Fetcher
+from crawl.sources import SearchContext, make_source
 from demo.mirror import MirrorServer
 from demo.settings import RenderParams, WorldMix
 from demo.world import build_world
@@ -235,3 +239,29 @@ def run_in(cmd: list[str], cwd: Path, timeout: float = 300) -> Any:
         "DVC_NO_ANALYTICS": "1",
     }
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def crawl_urls(out: Path, tmp_path: Path, fetcher: Fetcher, urls: dict[str, list[str]], **kw: Any) -> list[ClassReport]:
+    """One run of the ``urls`` engine over ``urls`` (class name -> URLs)."""
+    tsv = tmp_path / "urls.tsv"
+    tsv.write_text("".join(f"{name}\t{u}\n" for name, us in urls.items() for u in us))
+    ctx = SearchContext(fetcher, urls_file=str(tsv))
+    args = {"workers": 4, "per_class": 100, "min_per_class": 0, "progress": False, **kw}
+    classes = parse_classes("\n".join(urls))
+    return Crawler(out, {"urls": make_source("urls", ctx)}, lambda c: [c.name], fetcher, **args).run(classes)  # type: ignore[arg-type]
+
+
+def poison_loss_at_call(trainer: Any, call: int) -> dict[str, int]:
+    """Make the ``call``-th training step of ``trainer`` (counting from 1) compute a NaN loss;
+    returns the live count of steps taken (``["n"]``)."""
+    forward, calls = trainer.method.forward, {"n": 0}
+
+    def poisoned(*a: Any) -> Any:
+        calls["n"] += 1
+        out = forward(*a)
+        if calls["n"] == call:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    trainer.step_fn = poisoned
+    return calls

@@ -13,15 +13,13 @@ from typing import Any
 
 import pytest
 
-from crawl.classes import parse_classes
-from crawl.crawler import ClassReport, Crawler, summary_table
+from crawl.crawler import summary_table
 from crawl.download import Fetcher, HttpLimits
 from crawl.manifest import latest_records
-from crawl.sources import SearchContext, make_source
 from pipeline import crawl_stage
 from pipeline.config import CrawlConfig, load_section
 
-from conftest import HostileServer, _RawHandler, free_port, jpeg_bytes, png_bytes, respond
+from conftest import HostileServer, _RawHandler, crawl_urls, free_port, jpeg_bytes, png_bytes, respond
 
 LIMITS = HttpLimits(
     per_host_concurrency=1,  # one request at a time per host: exactly host_failures of them time out
@@ -46,15 +44,6 @@ class HostileAt(HostileServer):
         self.lock = threading.Lock()
         socketserver.ThreadingTCPServer.__init__(self, ("127.0.0.1", port), _RawHandler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
-
-
-def crawl(out: Path, tmp_path: Path, fetcher: Fetcher, urls: dict[str, list[str]], **kw: Any) -> list[ClassReport]:
-    tsv = tmp_path / "urls.tsv"
-    tsv.write_text("".join(f"{name}\t{u}\n" for name, us in urls.items() for u in us))
-    ctx = SearchContext(fetcher, urls_file=str(tsv))
-    args = {"workers": 4, "per_class": 100, "min_per_class": 0, "progress": False, **kw}
-    classes = parse_classes("\n".join(urls))
-    return Crawler(out, {"urls": make_source("urls", ctx)}, lambda c: [c.name], fetcher, **args).run(classes)  # type: ignore[arg-type]
 
 
 class DeadHost:
@@ -108,7 +97,7 @@ def test_a_dead_host_trips_the_breaker_and_the_next_run_gets_its_urls(
         alive.append(hostile.url(f"/{i}.jpg"))
     out = tmp_path / "c"
     t0 = time.monotonic()
-    (bag,) = crawl(out, tmp_path, Fetcher(LIMITS), {"Bag": dead.urls + alive})
+    (bag,) = crawl_urls(out, tmp_path, Fetcher(LIMITS), {"Bag": dead.urls + alive})
     assert time.monotonic() - t0 < 3  # 10 dead URLs cost 3 timeouts, not 10
     assert bag.downloaded == 3
     assert bag.failed == {"timeout" if dead.kind == "black_hole" else "connection_error": 3}
@@ -119,7 +108,7 @@ def test_a_dead_host_trips_the_breaker_and_the_next_run_gets_its_urls(
     assert "deferred to the next run: 7 URLs host_unresponsive (Bag)" in summary_table([bag])
 
     back = dead.revive()  # the host answers again by the next run
-    (again,) = crawl(out, tmp_path, Fetcher(LIMITS), {"Bag": dead.urls + alive})
+    (again,) = crawl_urls(out, tmp_path, Fetcher(LIMITS), {"Bag": dead.urls + alive})
     assert again.downloaded == 13 and not again.deferred and not again.failed
     assert all(len(back.hits(f"/{i}.jpg")) >= 1 for i in range(10)) and len(hostile.hits("/0.jpg")) == 1
 

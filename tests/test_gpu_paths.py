@@ -19,6 +19,8 @@ from distill.settings import Augment, Runtime, Schedule
 from distill.teacher import Teacher
 from distill.trainer import NonFiniteLoss, Trainer
 
+from conftest import poison_loss_at_call
+
 
 def test_mix_distribution_seeds_no_global_generator(monkeypatch: pytest.MonkeyPatch) -> None:
     """A seeded mix must not reseed the CUDA generators (``torch.manual_seed`` does, and nothing
@@ -107,16 +109,7 @@ def test_deferred_guard_skips_on_the_device_and_reports_the_step(tmp_path: Path,
     abort names that step before the epoch's checkpoint, skip counts it."""
     t = kd3_trainer(tmp_path, nan_policy=policy)
     t.sync_every = 100
-    forward, calls = t.method.forward, {"n": 0}
-
-    def nan_at_step_2(*a: Any) -> dict[str, torch.Tensor]:
-        calls["n"] += 1
-        out = forward(*a)
-        if calls["n"] == 2:
-            out["loss"] = out["loss"] * float("nan")
-        return out
-
-    t.step_fn = nan_at_step_2  # type: ignore[assignment]
+    calls = poison_loss_at_call(t, 2)
     if policy == "abort":
         with pytest.raises(NonFiniteLoss, match="non-finite loss at epoch 1 step 2"):
             t._run_epoch()

@@ -12,14 +12,13 @@ from typing import Any
 import pytest
 
 from crawl.classes import parse_classes
-from crawl.crawler import ClassReport, Crawler, summary_table
+from crawl.crawler import summary_table
 from crawl.download import Fetcher, HttpLimits
 from crawl.manifest import latest_records
-from crawl.sources import SearchContext, make_source
 from pipeline import crawl_stage
 from pipeline.config import CrawlConfig, load_section
 
-from conftest import HostileServer, jpeg_bytes, respond, sequence
+from conftest import HostileServer, crawl_urls, jpeg_bytes, respond, sequence
 
 LIMITS = HttpLimits(
     per_host_concurrency=4,
@@ -52,16 +51,6 @@ def serve_images(server: HostileServer, names: list[str], blue: int = 30) -> lis
     return [server.url(n) for n in names]
 
 
-def crawl(out: Path, tmp_path: Path, fetcher: Fetcher, urls: dict[str, list[str]], **kw: Any) -> list[ClassReport]:
-    """One run of the ``urls`` engine over ``urls`` (class name -> URLs)."""
-    tsv = tmp_path / "urls.tsv"
-    tsv.write_text("".join(f"{name}\t{u}\n" for name, us in urls.items() for u in us))
-    ctx = SearchContext(fetcher, urls_file=str(tsv))
-    args = {"workers": 4, "per_class": 100, "min_per_class": 0, "progress": False, **kw}
-    classes = parse_classes("\n".join(urls))
-    return Crawler(out, {"urls": make_source("urls", ctx)}, lambda c: [c.name], fetcher, **args).run(classes)  # type: ignore[arg-type]
-
-
 def test_disallowed_urls_are_never_requested_and_are_a_counted_final_skip(
     hostile: HostileServer, tmp_path: Path
 ) -> None:
@@ -72,7 +61,7 @@ def test_disallowed_urls_are_never_requested_and_are_a_counted_final_skip(
     )
     urls = serve_images(hostile, ["/a.jpg", "/private/b.jpg", "/private/c.jpg", "/everyone-else/d.jpg"])
     out = tmp_path / "c"
-    (bag,) = crawl(out, tmp_path, fetcher_for(hostile), {"Bag": urls})
+    (bag,) = crawl_urls(out, tmp_path, fetcher_for(hostile), {"Bag": urls})
     assert hostile.hits("/private/b.jpg") == [] and hostile.hits("/private/c.jpg") == []
     assert bag.downloaded == 2 and bag.requests == 2  # /a.jpg, and /everyone-else/ (not our group)
     assert bag.failed == {"robots_disallowed": 2}
@@ -80,14 +69,14 @@ def test_disallowed_urls_are_never_requested_and_are_a_counted_final_skip(
     rec = records[("Bag", urls[1])]
     assert (rec.status, rec.reason, rec.is_final) == ("failed", "robots_disallowed", True)
     assert "robots_disallowed 2" in summary_table([bag])
-    again = crawl(out, tmp_path, fetcher_for(hostile), {"Bag": urls})[0]
+    again = crawl_urls(out, tmp_path, fetcher_for(hostile), {"Bag": urls})[0]
     assert (again.requests, again.skipped_failed) == (0, 2)  # final: a plain rerun leaves them alone
 
 
 def test_crawl_delay_spaces_requests_to_that_host(hostile: HostileServer, tmp_path: Path) -> None:
     hostile.routes["/robots.txt"] = text(b"User-agent: *\nCrawl-delay: 1\n")
     urls = serve_images(hostile, ["/a.jpg", "/b.jpg", "/c.jpg"])
-    (bag,) = crawl(tmp_path / "c", tmp_path, fetcher_for(hostile), {"Bag": urls})  # per_host_delay_s is 0
+    (bag,) = crawl_urls(tmp_path / "c", tmp_path, fetcher_for(hostile), {"Bag": urls})  # per_host_delay_s is 0
     assert bag.downloaded == 3
     starts = sorted(e["time"] for e in hostile.log if e["path"].endswith(".jpg"))
     assert min(b - a for a, b in zip(starts, starts[1:], strict=False)) >= 0.95
@@ -100,7 +89,7 @@ def test_urls_that_cannot_start_before_their_deadline_do_not_delay_later_ones(
     bag = serve_images(hostile, [f"/b{i}.jpg" for i in range(4)])
     trouser = serve_images(hostile, [f"/t{i}.jpg" for i in range(4)], blue=150)
     # four at once, one start a second, 1.5 s each: two start in time, two time out waiting
-    first, second = crawl(
+    first, second = crawl_urls(
         tmp_path / "c", tmp_path, fetcher_for(hostile, deadline_s=1.5), {"Bag": bag, "Trouser": trouser}
     )
     assert first.downloaded == 2 and first.failed == {"timeout": 2}
@@ -112,7 +101,7 @@ def test_a_4xx_robots_txt_allows_everything(hostile: HostileServer, tmp_path: Pa
     # RFC 9309 2.3.1.3: 4xx means "unavailable", so nothing is disallowed (401 and 403 included)
     hostile.routes["/robots.txt"] = respond(status, b"no", {"Content-Type": "text/html"})
     urls = serve_images(hostile, ["/a.jpg", "/b.jpg"])
-    (bag,) = crawl(tmp_path / "c", tmp_path, fetcher_for(hostile), {"Bag": urls})
+    (bag,) = crawl_urls(tmp_path / "c", tmp_path, fetcher_for(hostile), {"Bag": urls})
     assert bag.downloaded == 2 and not bag.failed and not bag.deferred
     assert len(hostile.hits("/robots.txt")) == 1
 
@@ -129,12 +118,12 @@ def test_an_unreachable_robots_txt_defers_the_site_to_the_next_run(
     hostile.routes["/robots.txt"] = sequence(broken, text(b"User-agent: *\nDisallow:\n"))
     urls = serve_images(hostile, ["/a.jpg", "/b.jpg", "/c.jpg"])
     out = tmp_path / "c"
-    (bag,) = crawl(out, tmp_path, fetcher_for(hostile, robots_timeout_s=0.5), {"Bag": urls})
+    (bag,) = crawl_urls(out, tmp_path, fetcher_for(hostile, robots_timeout_s=0.5), {"Bag": urls})
     assert [e for e in hostile.log if e["path"].endswith(".jpg")] == []
     assert bag.deferred == {"robots_unavailable": 3} and bag.requests == 0
     assert not (out / "manifest.jsonl").read_text()  # not a final outcome: nothing recorded
     assert "deferred to the next run: 3 URLs robots_unavailable (Bag)" in summary_table([bag])
-    (later,) = crawl(out, tmp_path, fetcher_for(hostile), {"Bag": urls})  # the next run
+    (later,) = crawl_urls(out, tmp_path, fetcher_for(hostile), {"Bag": urls})  # the next run
     assert later.downloaded == 3 and not later.deferred
     assert len(hostile.hits("/robots.txt")) == 2
 
@@ -146,7 +135,7 @@ def test_robots_txt_is_fetched_once_per_site_and_run(hostile: HostileServer, tmp
         other.routes["/robots.txt"] = text(b"User-agent: *\nDisallow:\n")
         mine = serve_images(hostile, [f"/{i}.jpg" for i in range(8)])
         theirs = serve_images(other, [f"/{i}.jpg" for i in range(4)], blue=150)
-        reports = crawl(
+        reports = crawl_urls(
             tmp_path / "c",
             tmp_path,
             fetcher_for(hostile, other),
@@ -178,7 +167,7 @@ def test_a_huge_robots_txt_is_read_up_to_the_cap(hostile: HostileServer, tmp_pat
         hostile.routes["/robots.txt"] = respond(200, bomb, {"Content-Type": "text/plain", "Content-Encoding": "gzip"})
     urls = serve_images(hostile, ["/a.jpg", "/private/b.jpg"])
     t0 = time.monotonic()
-    (bag,) = crawl(tmp_path / "c", tmp_path, fetcher_for(hostile, robots_timeout_s=4.0), {"Bag": urls})
+    (bag,) = crawl_urls(tmp_path / "c", tmp_path, fetcher_for(hostile, robots_timeout_s=4.0), {"Bag": urls})
     assert time.monotonic() - t0 < 3.5  # the byte cap stopped the read, not the timeout
     assert bag.downloaded == 1 and bag.failed == {"robots_disallowed": 1}
 
@@ -189,7 +178,7 @@ def test_robots_txt_redirected_to_an_internal_address_is_not_followed(hostile: H
         internal.routes["/robots.txt"] = text(b"User-agent: *\nDisallow:\n")
         hostile.routes["/robots.txt"] = respond(302, b"", {"Location": internal.url("/robots.txt")})
         urls = serve_images(hostile, ["/a.jpg"])
-        (bag,) = crawl(tmp_path / "c", tmp_path, fetcher_for(hostile), {"Bag": urls})
+        (bag,) = crawl_urls(tmp_path / "c", tmp_path, fetcher_for(hostile), {"Bag": urls})
         assert internal.log == []
         assert bag.deferred == {"robots_unavailable": 1} and hostile.hits("/a.jpg") == []
     finally:
@@ -201,7 +190,7 @@ def test_robots_txt_redirect_on_the_same_site_is_followed(hostile: HostileServer
     hostile.routes["/robots.txt"] = respond(301, b"", {"Location": "/real-robots.txt"})
     hostile.routes["/real-robots.txt"] = text(b"User-agent: *\nDisallow: /private/\n")
     urls = serve_images(hostile, ["/a.jpg", "/private/b.jpg"])
-    (bag,) = crawl(tmp_path / "c", tmp_path, fetcher_for(hostile), {"Bag": urls})
+    (bag,) = crawl_urls(tmp_path / "c", tmp_path, fetcher_for(hostile), {"Bag": urls})
     assert bag.downloaded == 1 and bag.failed == {"robots_disallowed": 1}
 
 

@@ -23,7 +23,7 @@ from distill.settings import Augment, Runtime, Schedule
 from distill.teacher import Teacher
 from distill.trainer import Method, NonFiniteLoss, Trainer, TrainingInterrupted
 
-from conftest import synthetic_items
+from conftest import poison_loss_at_call, synthetic_items
 
 MEAN, STD = [0.3] * 3, [0.35] * 3
 
@@ -276,17 +276,7 @@ def test_non_finite_loss_is_caught_before_the_step(pool_and_teacher: Any, tmp_pa
     ckpt = tmp_path / "ckpt.pt"
     t = make_trainer(pool_and_teacher, "kd", epochs=2, checkpoint=ckpt, nan_policy=policy)
     t._run_epoch()
-    forward = t.method.forward
-    calls = {"n": 0}
-
-    def nan_at_step_2(*a: Any) -> dict[str, torch.Tensor]:
-        calls["n"] += 1
-        out = forward(*a)
-        if calls["n"] == 2:
-            out["loss"] = out["loss"] * float("nan")
-        return out
-
-    t.step_fn = nan_at_step_2  # type: ignore[assignment]
+    poison_loss_at_call(t, 2)
     if policy == "abort":
         with pytest.raises(NonFiniteLoss, match="epoch 2 step 2"):
             t._run_epoch()
