@@ -331,7 +331,13 @@ def read_params(path: str | Path) -> dict[str, Any]:
 
 def load_section(path: str | Path, section: str, cls: type[T], overrides: dict[str, Any] | None = None) -> T:
     """Build ``cls`` from ``params[section]`` plus dotted ``overrides`` (CLI flags), validated."""
-    data = read_params(path)
+    return _section(read_params(path), path, section, cls, overrides)
+
+
+def _section(
+    data: dict[str, Any], path: str | Path, section: str, cls: type[T], overrides: dict[str, Any] | None = None
+) -> T:
+    """``load_section`` on an already-read params mapping."""
     raw = data.get(section, {})
     if raw is None:
         raw = {}
@@ -641,7 +647,7 @@ def check_params(path: str | Path) -> list[str]:
     unknown = sorted(set(data) - set(SECTIONS), key=str)
     if unknown:
         raise ConfigError(f"{path}: {unknown[0]}: unknown section (valid: {', '.join(SECTIONS)})")
-    cfg: dict[str, Any] = {name: load_section(path, name, cls) for name, cls in SECTIONS.items()}
+    cfg: dict[str, Any] = {name: _section(data, path, name, cls) for name, cls in SECTIONS.items()}
     crawl, teacher = cfg["crawl"], cfg["teacher"]
     size = resolve_image_size(cfg["clean"], teacher.input_size, f"{path}: clean.image_size")
     inputs = {"crawl.classes": crawl.classes, "teacher.classes": teacher.classes}
