@@ -20,10 +20,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crawl.classes import parse_classes
-from crawl.crawler import ClassReport, Crawler
-from crawl.download import Fetcher
-from crawl.sources import SearchContext, make_source
 from demo.mirror import MirrorServer
 from demo.settings import RenderParams, WorldMix
 from demo.world import build_world
@@ -241,8 +237,13 @@ def run_in(cmd: list[str], cwd: Path, timeout: float = 300) -> Any:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def crawl_urls(out: Path, tmp_path: Path, fetcher: Fetcher, urls: dict[str, list[str]], **kw: Any) -> list[ClassReport]:
-    """One run of the ``urls`` engine over ``urls`` (class name -> URLs)."""
+def crawl_urls(out: Path, tmp_path: Path, fetcher: Any, urls: dict[str, list[str]], **kw: Any) -> list[Any]:
+    """One run of the ``urls`` engine over ``urls`` (class name -> URLs): a list of ``ClassReport``."""
+    # imported here: the GPU machine runs tests/test_gpu.py through this conftest without icrawler
+    from crawl.classes import parse_classes
+    from crawl.crawler import Crawler
+    from crawl.sources import SearchContext, make_source
+
     tsv = tmp_path / "urls.tsv"
     tsv.write_text("".join(f"{name}\t{u}\n" for name, us in urls.items() for u in us))
     ctx = SearchContext(fetcher, urls_file=str(tsv))
