@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: demo test test-fast venv data lint clean-demo
+.PHONY: demo test test-fast venv data browser lint clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,11 +23,22 @@ data:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "no apt-get: set world.source in params.yaml to a folder with the Fashion-MNIST idx files"; fi
 
+# Debian's Chromium, where apt is available: the tests load the report page in a real headless browser
+# (without one they are skipped, with the reason).
+browser:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  ( $$SUDO apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	    ( $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null ) ) || \
+	  echo "could not install chromium: the report page's browser tests will be skipped"; \
+	else echo "no apt-get: the report page's browser tests will be skipped"; fi
+
 demo: venv data
 	kd3 check
 	dvc repro
 
-test: venv
+test: venv browser
 	$(PY) -m pytest
 
 # The inner loop: the tests not marked slow, in parallel (a minute or two on 2 cores).

@@ -28,6 +28,7 @@ from pipeline.config import (
     DistillConfig,
     EvaluateConfig,
     LabelConfig,
+    ReportConfig,
     TeacherConfig,
     WorldConfig,
     build,
@@ -336,6 +337,31 @@ def evaluate(
 
     sets = _parse_sets(set_, params, "evaluate", EvaluateConfig)
     _guarded(lambda: evaluate_stage.run(_section(params, "evaluate", EvaluateConfig, sets, {"device": device})))
+
+
+@app.command()
+def report(
+    params: ParamsOpt = Path("params.yaml"),
+    screenshot: Annotated[
+        Path | None,
+        typer.Option(help="also save a PNG of the page's top, taken with headless Chromium", show_default=False),
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """One self-contained HTML page that tells the run's story (report.out_dir/index.html)."""
+    _setup_logging()
+    from pipeline import report_stage
+
+    sets = _parse_sets(set_, params, "report", ReportConfig)
+
+    def go() -> None:
+        page = report_stage.run(_section(params, "report", ReportConfig, sets, {}), params)
+        typer.echo(f"report: {page}")
+        if screenshot is not None:
+            report_stage.screenshot(page, screenshot)
+            typer.echo(f"report: screenshot {screenshot}")
+
+    _guarded(go)
 
 
 @app.command()

@@ -216,6 +216,14 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """``report:`` — the run's HTML page; it finds the other stages' outputs through their sections."""
+
+    out_dir: str = "data/report"
+    title: str | None = None  # the page's heading (null: "kd3 run: <the project folder's name>")
+
+
+@dataclass(frozen=True)
 class DistillEval:
     """The per-epoch validation curve (never the reported test split)."""
 
@@ -634,6 +642,7 @@ SECTIONS: dict[str, type] = {
     "label": LabelConfig,
     "distill": DistillConfig,
     "evaluate": EvaluateConfig,
+    "report": ReportConfig,
 }
 
 

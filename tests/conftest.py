@@ -5,8 +5,10 @@ Everything runs on 127.0.0.1; no test reaches the internet.
 
 from __future__ import annotations
 
+import html as htmllib
 import io
 import json
+import re
 import signal
 import socket
 import socketserver
@@ -266,3 +268,42 @@ def poison_loss_at_call(trainer: Any, call: int) -> dict[str, int]:
 
     trainer.step_fn = poisoned
     return calls
+
+
+# The checker injected into a report page before a headless browser loads it: it records script and
+# resource errors from the first moment, then after "load" lists the images that did not decode and
+# each section with whether it holds data, in a <pre id="kd3-check"> that --dump-dom prints.
+_PAGE_CHECK = """<script>
+window.__errors = [];
+window.addEventListener("error", e => window.__errors.push(String(e.message || (e.target && e.target.src))), true);
+window.addEventListener("load", () => {
+  const imgs = [...document.images];
+  const out = document.createElement("pre");
+  out.id = "kd3-check";
+  out.textContent = JSON.stringify({
+    images: imgs.length,
+    broken: imgs.filter(i => !i.complete || i.naturalWidth === 0).map(i => i.alt),
+    scripts: document.scripts.length,
+    sections: [...document.querySelectorAll("section")].map(s => [s.id, !s.querySelector(".missing")]),
+    errors: window.__errors,
+  });
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def render_in_browser(page: Path, tmp: Path) -> dict[str, Any]:
+    """Load a report page in headless Chromium; return what the injected checker saw (skips without Chromium)."""
+    from pipeline.report_stage import browser, find_browser
+
+    if find_browser() is None:
+        pytest.skip("no Chromium on PATH (make test installs Debian's chromium where apt-get exists)")
+    html = page.read_text(encoding="utf-8")
+    assert html.count("<head>") == 1, "the page has one head to inject the checker into"
+    probe = tmp / "probe.html"
+    probe.write_text(html.replace("<head>", "<head>" + _PAGE_CHECK, 1), encoding="utf-8")
+    done = browser(probe, "--dump-dom", "--virtual-time-budget=10000")
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = re.search(r'<pre id="kd3-check">(.*?)</pre>', done.stdout, re.S)
+    assert found, f"the checker did not run: {done.stdout[-500:]} {done.stderr[-1500:]}"
+    return json.loads(htmllib.unescape(found.group(1)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -81,7 +82,12 @@ def test_distill_exports_a_student_that_evaluate_scores(stage_inputs: Path, tmp_
     student = json.loads((tmp_path / "metrics" / "student.json").read_text())
     assert 0 <= student["student_accuracy"] <= 1 and 0 <= student["agreement_eval"] <= 1
     assert student["heldout_web_images"] > 0 and 0 <= student["agreement_heldout_web"] <= 1
-    assert (tmp_path / "metrics" / "student_confusion.png").is_file()
+    assert student["parameters"] > 0 and student["cpu_images_per_second"] > 0 and student["weights_bytes"] > 0
+    with open(tmp_path / "metrics" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))  # DVC's confusion template reads class names from here
+    assert len(rows) == student["eval_images"] and set(rows[0]) == {"image", "actual", "teacher", "student"}
+    right = sum(r["actual"] == r["student"] for r in rows) / len(rows)
+    assert abs(right - student["student_accuracy"]) < 1e-3 and {r["student"] for r in rows} <= set(TINY_CLASSES)
     assert (out / "sheets" / "selection_kept.png").is_file()
 
 
@@ -126,6 +132,8 @@ def test_kill9_mid_run_then_rerun_resumes_and_finishes(stage_inputs: Path, tmp_p
     assert f"resuming at epoch {done + 1}" in result.stderr
     history = json.loads((tmp_path / "distill" / "report.json").read_text())["history"]
     assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5, 6]
+    with open(tmp_path / "metrics" / "distill_epochs.csv", newline="") as f:  # one row per epoch, none twice
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

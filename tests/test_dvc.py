@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import copy_repo, free_port, git_commit_all, synthetic_items, write_idx
+from conftest import copy_repo, free_port, git_commit_all, render_in_browser, synthetic_items, write_idx
 from conftest import run_in as run
 
 pytestmark = pytest.mark.slow
@@ -115,19 +115,32 @@ def test_dvc_repro_label_reruns_exactly_when_the_checkpoint_changes(repo_copy: P
 
 
 def test_dvc_repro_runs_the_whole_pipeline_then_nothing(repo_copy: Path) -> None:
-    """The end-to-end smoke test: world -> crawl -> clean -> teacher -> label -> distill -> evaluate."""
+    """The end-to-end smoke test: world -> crawl -> clean -> teacher -> label -> distill -> evaluate -> report."""
     first = run(["dvc", "repro"], repo_copy)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    for stage in ("world", "crawl", "clean", "teacher", "label", "distill", "evaluate"):
+    for stage in ("world", "crawl", "clean", "teacher", "label", "distill", "evaluate", "report"):
         assert f"Running stage '{stage}'" in first.stdout, stage
     assert (repo_copy / "data/distill/student.ts").is_file()
     metrics = run(["dvc", "metrics", "show", "--json"], repo_copy)
     assert metrics.returncode == 0 and "student_accuracy" in metrics.stdout and "val_accuracy_last" in metrics.stdout
-    plots = run(["dvc", "plots", "show", "-o", "plots_html"], repo_copy)
+    plots = run(["dvc", "plots", "show", "--json"], repo_copy)
     assert plots.returncode == 0, plots.stderr
+    shown = json.loads(plots.stdout)["data"]
+    assert {"Loss", "Validation accuracy", "Student confusion", "Teacher confusion"} <= set(shown), list(shown)
+    names = [n for n in (repo_copy / "classes.txt").read_text().splitlines() if n]
+    drawn = json.dumps(shown["Student confusion"])
+    assert sum(f'"{n}"' in drawn for n in names) >= 2  # confusion matrices by class name, not index
+    # the page: every section has data and a real browser loads it without errors or broken images
+    seen = render_in_browser(repo_copy / "data/report/index.html", repo_copy.parent)
+    assert all(ok for _, ok in seen["sections"]), seen["sections"]
+    assert seen["errors"] == [] and seen["broken"] == [] and seen["images"] >= 6, seen  # curves, matrices, sheets
     again = run(["dvc", "repro"], repo_copy)
     assert again.returncode == 0, again.stderr
-    ran = [s for s in ("crawl", "clean", "label", "distill", "evaluate") if f"Running stage '{s}'" in again.stdout]
+    ran = [
+        s
+        for s in ("crawl", "clean", "label", "distill", "evaluate", "report")
+        if f"Running stage '{s}'" in again.stdout
+    ]
     assert ran == [], again.stdout
 
     # an experiment keeps its metrics: dvc exp show reads them back from the experiment's commit

@@ -134,7 +134,8 @@ def test_swap_in_a_user_checkpoint_then_label_and_evaluate(project: Path, kind: 
     details = json.loads((project / "metrics" / "teacher_details.json").read_text())
     assert metrics["eval_images"] == 9 and set(details["teacher_per_class"]) == set(TINY_CLASSES)
     assert all(isinstance(v, (int, float)) for v in metrics.values())  # dvc metrics: numbers only
-    assert (project / "metrics" / "teacher_confusion.png").is_file()
+    rows = (project / "metrics" / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "image,actual,teacher" and len(rows) == 1 + 9  # no student_dir: the teacher's column only
 
 
 def test_a_bad_checkpoint_fails_the_teacher_stage_by_name(project: Path) -> None:
