@@ -88,6 +88,18 @@ class Method(nn.Module):
         n = teacher_logits.shape[0]
         return torch.ones(n, dtype=torch.bool), teacher_logits.argmax(1)
 
+    def selection_confidence(
+        self,
+        epoch: int,
+        epochs: int,
+        teacher_logits: torch.Tensor,
+        student_logits: torch.Tensor | None,
+        queries: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(N,) the confidence ``select`` ranks by; when it keeps under a batch, the trainer keeps the
+        top batch by this instead. Here: the teacher's top softmax probability."""
+        return torch.softmax(teacher_logits, 1).max(1).values
+
     def extra_optimizers(self) -> list[torch.optim.Optimizer]:
         return []
 
@@ -291,17 +303,24 @@ class Trainer:
 
     @torch.no_grad()
     def pool_logits(
-        self, model: Callable[[torch.Tensor], torch.Tensor], normalise: bool, augmented: bool
-    ) -> torch.Tensor:
-        """Logits of ``model`` for every training row (sharded across ranks, then gathered)."""
+        self, models: list[tuple[Callable[[torch.Tensor], torch.Tensor], bool]], augmented: bool
+    ) -> list[torch.Tensor]:
+        """Logits of each ``(model, normalise)`` for every training row (sharded across ranks, then
+        gathered). With ``augmented`` every model sees the same fresh crop of each image."""
         mine = torch.arange(self.rank, len(self.rows), self.world)
-        out = []
+        outs: list[list[torch.Tensor]] = [[] for _ in models]
         with self._autocast():
             for _, _, u8 in self.pool.iterate(self.rows[mine], self.rt.eval_batch_size):
                 x = self._view(u8, augmented)
-                out.append(model(self.method.teacher.normalise(x) if normalise else x).float())
+                for out, (model, normalise) in zip(outs, models, strict=True):
+                    out.append(model(self.method.teacher.normalise(x) if normalise else x).float())
+        return [self._gather(torch.cat(out) if out else None) for out in outs]
+
+    def _gather(self, local: torch.Tensor | None) -> torch.Tensor:
+        """This rank's rows (every world-th from its rank) -> all rows in order, on the CPU."""
         k = self.teacher_logits.shape[1]
-        local = torch.cat(out) if out else torch.zeros(0, k, device=self.device)
+        if local is None:
+            local = torch.zeros(0, k, device=self.device)
         if self.world == 1:
             return local.cpu()
         width = (len(self.rows) + self.world - 1) // self.world
@@ -320,15 +339,20 @@ class Trainer:
         t0 = time.time()
         m, e, epochs = self.method, self.epoch, self.schedule.epochs
         augmented = self.method.selection_view == "augmented"
-        teacher_logits = self.pool_logits(m.teacher, False, True) if augmented else self.teacher_logits
-        student_logits = None
+        teacher_logits, student_logits = self.teacher_logits, None
         if m.needs_student_logits(e):
             m.student.eval()
-            student_logits = self.pool_logits(m.student, True, augmented)
-        mask, pred = m.select(e, epochs, teacher_logits, student_logits, self.queries[self.rows])
+            if augmented:  # teacher and student score the same fresh crop, as α·o_T + (1−α)·o_S needs
+                teacher_logits, student_logits = self.pool_logits([(m.teacher, False), (m.student, True)], True)
+            else:
+                (student_logits,) = self.pool_logits([(m.student, True)], False)
+        elif augmented:
+            (teacher_logits,) = self.pool_logits([(m.teacher, False)], True)
+        queries = self.queries[self.rows]
+        mask, pred = m.select(e, epochs, teacher_logits, student_logits, queries)
         chosen = torch.nonzero(mask).flatten()
-        if len(chosen) < self.schedule.batch_size:  # guard: never less than one batch
-            conf = torch.softmax(teacher_logits, 1).max(1).values
+        if len(chosen) < self.schedule.batch_size:  # guard: never less than one batch, the most confident
+            conf = m.selection_confidence(e, epochs, teacher_logits, student_logits, queries)
             chosen = conf.topk(min(self.schedule.batch_size, len(conf))).indices
         self.order = chosen[torch.randperm(len(chosen), generator=self.order_gen)]
         trained = torch.zeros(len(self.rows), dtype=torch.bool)

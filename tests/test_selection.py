@@ -241,12 +241,6 @@ def test_the_guard_takes_one_batch_when_fewer_pass_and_only_then(images: np.ndar
     assert row["selected_fraction"] == round(float(trained.float().mean()), 4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the trainer's guard ranks images by the teacher's cached confidence alone; the selection "
-    "ranks by c = max softmax(α o_T + (1−α) o_S) (times the query prior), so once α = 0 the guard "
-    "keeps the teacher's favourites instead of the student's most confident images",
-)
 def test_the_guard_ranks_by_the_confidence_the_selection_uses(images: np.ndarray) -> None:
     n, b = len(images), 8
     cached = torch.zeros(n, K)
@@ -314,13 +308,6 @@ def test_augmented_view_scores_fresh_crops_with_the_teacher(images: np.ndarray) 
     assert not torch.allclose(s1, clean, atol=1e-2) and not torch.allclose(s1, s2, atol=1e-2)  # and the student
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with selection_view: augmented the trainer runs two passes over the pool, each drawing "
-    "its own crops, so the teacher and the student score different views of an image and "
-    "α o_T + (1−α) o_S mixes logits of two views (the released code scores one augmented batch "
-    "with both networks)",
-)
 def test_augmented_view_scores_teacher_and_student_on_the_same_crops(images: np.ndarray) -> None:
     t = build(images, KD3Options(selection_view="augmented"), guard_logits(len(images), 10), sharpen=20)
     state = t.aug_gen.get_state()

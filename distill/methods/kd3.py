@@ -244,14 +244,36 @@ class KD3Method(Method):
         if not self.selection or student_logits is None:
             return super().select(epoch, epochs, teacher_logits, student_logits)
         alpha = alpha_schedule(epoch, epochs, released=self.released_alpha)
-        if self.query_prior and queries is not None:  # ours: select on the posterior given the query
-            student_logits = student_logits + query_log_prior(queries, teacher_logits.shape[1], self.query_prior)
-            teacher_logits = teacher_logits + query_log_prior(queries, teacher_logits.shape[1], self.query_prior)
+        teacher_logits, student_logits = self._with_prior(teacher_logits, student_logits, queries)
         if self.adaptive_thresholds:
             return select_instances(teacher_logits, student_logits, alpha, self.tau)
         q = torch.softmax(alpha * teacher_logits + (1 - alpha) * student_logits, dim=1)
         conf, pred = q.max(1)
         return conf > self.tau, pred
+
+    def selection_confidence(
+        self,
+        epoch: int,
+        epochs: int,
+        teacher_logits: torch.Tensor,
+        student_logits: torch.Tensor | None,
+        queries: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """c = max softmax(α·o_T + (1−α)·o_S), the confidence the thresholds compare (with the prior when on)."""
+        if not self.selection or student_logits is None:
+            return super().selection_confidence(epoch, epochs, teacher_logits, student_logits, queries)
+        alpha = alpha_schedule(epoch, epochs, released=self.released_alpha)
+        teacher_logits, student_logits = self._with_prior(teacher_logits, student_logits, queries)
+        return torch.softmax(alpha * teacher_logits + (1 - alpha) * student_logits, dim=1).max(1).values
+
+    def _with_prior(
+        self, teacher_logits: torch.Tensor, student_logits: torch.Tensor, queries: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ours: both views of the posterior given the crawl query, when the query prior is on."""
+        if not self.query_prior or queries is None:
+            return teacher_logits, student_logits
+        prior = query_log_prior(queries, teacher_logits.shape[1], self.query_prior)
+        return teacher_logits + prior, student_logits + prior
 
     def forward(
         self, x01: torch.Tensor, generator: torch.Generator | None = None, queries: torch.Tensor | None = None
