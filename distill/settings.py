@@ -28,6 +28,9 @@ class Schedule:
     milestones: tuple[float, ...] = knob((0.625, 0.75, 0.875), 0, 1)  # fractions of epochs (150/180/210 of 240)
     gamma: float = knob(0.1, 0, 1, lo_open=True)
     warmup_epochs: int = knob(0, 0)
+    # an exponential moving average of the student's weights, evaluated and shipped in its place
+    # (0: off). Its horizon is about 1/(1 − decay) steps; it warms up as min(decay, (1+n)/(10+n))
+    ema_decay: float = knob(0.0, 0, 0.9999)
 
     def lr_factor(self, epoch: int) -> float:
         if epoch < self.warmup_epochs:

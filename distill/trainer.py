@@ -119,6 +119,52 @@ def atomic_save(obj: Any, path: Path) -> None:
         torch.save(obj, f)
 
 
+class WeightEMA:
+    """An exponential moving average of a module's weights (a copy that ``update`` pulls towards it).
+
+    Float parameters and buffers are averaged with one fused ``_foreach_lerp_`` per step on the
+    device, with the decay computed on the host from a host-side step count, so an update never
+    waits for the GPU (``torch.optim.swa_utils.AveragedModel`` reads a device counter each step).
+    Integer buffers (BatchNorm's batch count) are copied. The warm-up min(decay, (1+n)/(10+n))
+    keeps the first steps' random weights from dominating a short run.
+    """
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+        self.decay, self.updates = decay, 0
+        self._pairs = [
+            (e, m)
+            for e, m in zip(self._tensors(self.module), self._tensors(module), strict=True)
+            if e.dtype.is_floating_point
+        ]
+        self._copies = [
+            (e, m)
+            for e, m in zip(self._tensors(self.module), self._tensors(module), strict=True)
+            if not e.dtype.is_floating_point
+        ]
+
+    @staticmethod
+    def _tensors(module: nn.Module) -> list[torch.Tensor]:
+        return [*module.parameters(), *module.buffers()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        if self._pairs:
+            ema, live = zip(*self._pairs, strict=True)
+            torch._foreach_lerp_(list(ema), list(live), 1 - decay)
+        for e, m in self._copies:
+            e.copy_(m)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
+
+
 class Trainer:
     def __init__(
         self,
@@ -178,6 +224,8 @@ class Trainer:
         self.order_gen = torch.Generator().manual_seed(seed)  # shared by all ranks: same order
         self.mix_gen = torch.Generator().manual_seed(seed * 1000 + 1 + self.rank)
         self.aug_gen = torch.Generator(device=self.device).manual_seed(seed * 1000 + 2 + self.rank)
+        # built after the move to the device and layout, so the average lives beside the weights
+        self.ema = WeightEMA(method.student, schedule.ema_decay) if schedule.ema_decay else None
         self.step_fn: nn.Module = method
         if self.world > 1:
             self.step_fn = nn.parallel.DistributedDataParallel(
@@ -215,6 +263,7 @@ class Trainer:
             "opt": self.opt.state_dict(),
             "extra_opts": [o.state_dict() for o in self.extra_opts],
             "sched": self.sched.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "epoch": self.epoch,
             "step": self.step,
             "global_step": self.global_step,
@@ -275,6 +324,8 @@ class Trainer:
         for o, s in zip(self.extra_opts, state["extra_opts"], strict=True):
             o.load_state_dict(s)
         self.sched.load_state_dict(state["sched"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])  # (a KeyError/TypeError here: the run starts over)
         self.order_gen.set_state(state["rng"]["order"])
         if mine is not None:
             torch.set_rng_state(mine["torch"])
@@ -437,7 +488,14 @@ class Trainer:
                 o.step()
             elif not bool(skip):  # an optimiser that cannot skip on the device: the host decides
                 o.step()
+        if self.ema is not None:  # (after a skipped step the weights are unchanged: the average barely moves)
+            self.ema.update()
         return terms, code
+
+    @property
+    def student(self) -> nn.Module:
+        """The student that is evaluated and shipped: the weight average when ``ema_decay`` is on."""
+        return self.ema.module if self.ema is not None else self.method.student
 
     def _settle(self) -> None:
         """Read back the pending steps' verdicts (one host sync) and account for them in step order:
@@ -502,8 +560,8 @@ class Trainer:
         row["train_seconds"] = round(seconds, 2)
         row["images_per_second"] = round(self._seen / max(seconds, 1e-9), 1)
         if self.evaluate is not None and self.rank == 0:
-            self.method.student.eval()
-            row.update(self.evaluate(self.method.student))
+            self.student.eval()
+            row.update(self.evaluate(self.student))
         self.history.append(row)
         self.epoch += 1
         self.order, self.step, self.epoch_info = None, 0, {}

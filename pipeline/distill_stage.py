@@ -209,7 +209,7 @@ def _run(cfg: DistillConfig, device: torch.device) -> dict[str, Any]:
         "heldout_images": int(held.sum()),
         "val_accuracy": history[-1].get("val_accuracy"),  # the model card shows what is known at export
     }
-    export = export_student(method.student, out, meta)
+    export = export_student(trainer.student, out, meta)  # the weight average when distill.ema_decay is on
     last = history[-1]
     summary = {
         "method": cfg.method,

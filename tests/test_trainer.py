@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from demo.fashion_mnist import fashion_mnist_rgb32
 from distill.data import ImagePool, holdout_mask, random_resized_crop
@@ -21,7 +22,7 @@ from distill.methods.kd3 import KD3Method, KD3Options
 from distill.models import build_model
 from distill.settings import Augment, Runtime, Schedule
 from distill.teacher import Teacher
-from distill.trainer import Method, NonFiniteLoss, Trainer, TrainingInterrupted
+from distill.trainer import Method, NonFiniteLoss, Trainer, TrainingInterrupted, WeightEMA
 
 from conftest import poison_loss_at_call, synthetic_items
 
@@ -46,6 +47,7 @@ def make_trainer(
     epochs: int = 3,
     checkpoint: Path | None = None,
     seed: int = 0,
+    ema_decay: float = 0.0,
     **rt: Any,
 ) -> Trainer:
     images, teacher = pool_and_teacher
@@ -62,7 +64,7 @@ def make_trainer(
         method,
         ImagePool(images, torch.device("cpu")),
         teacher_logits(teacher, images),
-        schedule=Schedule(epochs=epochs, batch_size=16, lr=0.05),
+        schedule=Schedule(epochs=epochs, batch_size=16, lr=0.05, ema_decay=ema_decay),
         augment=Augment(size=32),
         runtime=Runtime(**rt),
         seed=seed,
@@ -298,3 +300,50 @@ def test_query_prior_pulls_selection_towards_the_crawled_class(pool_and_teacher:
     _, pred1 = prior.select(0, 10, t_logits, s_logits, queries)
     assert (pred1 == queries).float().mean() > (pred0 == queries).float().mean()
     assert torch.equal(plain.select(0, 10, t_logits, s_logits, queries)[1], plain.select(0, 10, t_logits, s_logits)[1])
+
+
+# ------------------------------------------------------------------------------------ weight average
+
+
+def test_weight_ema_follows_the_closed_form_and_copies_integer_buffers() -> None:
+    live = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = WeightEMA(live, decay=0.9)
+    ref = {k: v.detach().double().clone() for k, v in live.state_dict().items() if v.dtype.is_floating_point}
+    rng = np.random.default_rng(0)
+    for n in range(1, 40):
+        with torch.no_grad():
+            for v in live.state_dict().values():
+                if v.dtype.is_floating_point:
+                    v.copy_(torch.from_numpy(rng.normal(size=tuple(v.shape))))
+            live[1].num_batches_tracked += 3
+        ema.update()
+        d = min(0.9, (1 + n) / (10 + n))  # warm-up, then the decay
+        for k, v in live.state_dict().items():
+            if k in ref:
+                ref[k] = d * ref[k] + (1 - d) * v.double()
+    got = ema.module.state_dict()
+    assert all(torch.allclose(got[k].double(), ref[k], atol=1e-6) for k in ref)
+    assert int(got["1.num_batches_tracked"]) == 3 * 39  # copied, not averaged
+    assert all(not p.requires_grad for p in ema.module.parameters())
+
+
+def test_with_ema_the_average_is_evaluated_and_resumes_exactly(pool_and_teacher: Any, tmp_path: Path) -> None:
+    seen: list[nn.Module] = []
+    full = make_trainer(pool_and_teacher, "kd", epochs=2, ema_decay=0.9)
+    full.evaluate = lambda m: seen.append(m) or {}  # type: ignore[func-returns-value]
+    full.fit()
+    assert full.ema is not None and all(m is full.ema.module for m in seen)  # evaluated: the average
+    assert full.student is full.ema.module
+    live, avg = full.method.student.state_dict(), full.ema.module.state_dict()
+    assert any(not torch.equal(live[k], avg[k]) for k in live if live[k].dtype.is_floating_point)
+    ckpt = tmp_path / "ckpt.pt"
+    first = make_trainer(pool_and_teacher, "kd", epochs=2, checkpoint=ckpt, ema_decay=0.9)
+    first._run_epoch()
+    resumed = make_trainer(pool_and_teacher, "kd", epochs=2, checkpoint=ckpt, ema_decay=0.9)
+    assert resumed.resumed and resumed.ema is not None and resumed.ema.updates == first.ema.updates  # type: ignore[union-attr]
+    resumed.fit()
+    assert same(full.ema.module.state_dict(), resumed.ema.module.state_dict())
+    # a checkpoint from a run without the average cannot resume one with it: start over, said so
+    plain = tmp_path / "plain.pt"
+    make_trainer(pool_and_teacher, "kd", epochs=2, checkpoint=plain)._run_epoch()
+    assert not make_trainer(pool_and_teacher, "kd", epochs=2, checkpoint=plain, ema_decay=0.9).resumed
