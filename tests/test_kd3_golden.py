@@ -358,6 +358,38 @@ def test_method_forward_is_the_reference_loss_of_its_own_views(student_arch: str
         assert close(out[k], v), k
 
 
+def test_released_head_wiring_embeds_the_backbone_feature_and_keeps_the_projector_off_the_mixed_view() -> None:
+    """``contrastive_head: backbone``: g_S on GAP(F_S) of each view; the projector (and its BatchNorm
+    statistics) sees the clean view only, as in the released code."""
+    torch.manual_seed(0)
+    teacher = Teacher(build_model("resnet8", K), MEAN, STD)
+    method = KD3Method(teacher, build_model("resnet8", K), KD3Options(contrastive_head="backbone"), input_size=16)
+    x01 = torch.rand(B, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    x = teacher.normalise(x01)
+    head_w = method.student.head.fc.weight.detach().double().numpy()  # type: ignore[union-attr]
+    head_b = method.student.head.fc.bias.detach().double().numpy()  # type: ignore[union-attr]
+    assert head_w.shape[1] == method.student.backbone.feature_dim  # sized for the backbone, not the projector
+    with torch.no_grad():
+        clean = method.student.eval().parts(x)
+        feats = method.student.backbone.forward_features(x).double().numpy()
+        mixed_x = mix_distribution(x, torch.Generator().manual_seed(7))
+        mixed_feats = method.student.backbone.forward_features(mixed_x).double().numpy()
+        u_mixed = method.student.embed(mixed_x).double().numpy()
+    u = unit_rows(feats.mean(axis=(2, 3)) @ head_w.T + head_b)
+    assert np.allclose(clean["embedding"].double().numpy(), u, rtol=RTOL, atol=1e-6)
+    assert np.allclose(u_mixed, unit_rows(mixed_feats.mean(axis=(2, 3)) @ head_w.T + head_b), rtol=RTOL, atol=1e-6)
+    # in training, one step's BatchNorm statistics of the projector come from the clean view alone
+    method.train()
+    bn = [m for m in method.student.projector.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+    before = bn.running_mean.clone()
+    method(x01, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        first = method.student.projector.net[0](method.student.backbone.forward_features(x))
+    momentum = bn.momentum or 0.1
+    expected = (1 - momentum) * before + momentum * first.mean(dim=(0, 2, 3))
+    assert torch.allclose(bn.running_mean, expected, rtol=1e-4, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # the α schedule, and the selection that uses it
 # --------------------------------------------------------------------------------------------

@@ -56,6 +56,9 @@ class KD3Options:
     temperature: float = knob(0.3, 0, lo_open=True)  # NT-Xent temperature
     kd_weight: float = knob(0.0, 0)  # ours, off in the paper: Hinton KD (T=4) on the shared-classifier logits
     query_prior: float = knob(0.0, 0, 0.999)  # ours: ρ, the crawl query as a prior on the label (0: off)
+    contrastive_head: Literal["projector", "backbone"] = "projector"  # g_S's input: the pooled projector
+    # output, the projector running on both views (ours), or the pooled backbone feature, the projector
+    # on the clean view only (the released code)
     alpha_schedule: Literal["scaled", "released"] = "scaled"  # the selection's teacher weight α over the
     # epochs: "scaled" stretches the released ramp (160 of 240 epochs, cut at 120) to the run's length;
     # "released" keeps those constants (a short run then keeps α ≈ 1: the teacher decides throughout)
@@ -103,6 +106,7 @@ class KD3Student(nn.Module):
         teacher_hw: int,
         shared_classifier: bool = True,
         contrastive: bool = True,
+        head_on: str = "projector",
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -119,26 +123,41 @@ class KD3Student(nn.Module):
             for p in self.classifier.parameters():
                 p.requires_grad_(True)
         # g_S, for instance alignment: only when that term is on (an unused trainable head fails DDP)
-        self.head = ContrastiveHead(teacher_channels) if contrastive else None
+        self.head_on = head_on
+        dim = teacher_channels if head_on == "projector" else backbone.feature_dim
+        self.head = ContrastiveHead(dim) if contrastive else None
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """``P(F_S(x))`` after spatial alignment: (B, C_t, h, w) with h <= teacher_hw."""
-        f = self.backbone.forward_features(x)
+    def _align(self, f: torch.Tensor) -> torch.Tensor:
+        """``P(F_S)`` after spatial alignment: (B, C_t, h, w) with h <= teacher_hw."""
         if f.shape[-1] > self.teacher_hw:  # a larger student map is pooled to the teacher's size
             f = F.adaptive_avg_pool2d(f, self.teacher_hw)
         return self.projector(f)
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self._align(self.backbone.forward_features(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.project(x), 1), 1))
+        return self.classifier(_pool(self.project(x)))
 
     def parts(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Everything the loss needs from one view: projected map, logits and embedding."""
-        projected = self.project(x)
-        z = torch.flatten(F.adaptive_avg_pool2d(projected, 1), 1)
+        """Everything the loss needs from the clean view: projected map, logits and embedding."""
+        f = self.backbone.forward_features(x)
+        projected = self._align(f)
+        z = _pool(projected)
         out = {"projected": projected, "logits": self.classifier(z)}
         if self.head is not None:
-            out["embedding"] = self.head(z)
+            out["embedding"] = self.head(z if self.head_on == "projector" else _pool(f))
         return out
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """g_S of the perturbed view, which feeds the instance term only (no projector with "backbone")."""
+        assert self.head is not None
+        f = self.backbone.forward_features(x)
+        return self.head(_pool(self._align(f)) if self.head_on == "projector" else _pool(f))
+
+
+def _pool(f: torch.Tensor) -> torch.Tensor:
+    return torch.flatten(F.adaptive_avg_pool2d(f, 1), 1)
 
 
 class KD3Loss(nn.Module):
@@ -216,7 +235,9 @@ class KD3Method(Method):
         c_t, hw = teacher.feature_shape(input_size, in_chans)
         self.teacher = teacher
         contrastive = o.mixdistribution and o.mix_weight > 0
-        self.student = KD3Student(backbone, teacher.classifier, c_t, hw, o.shared_classifier, contrastive)
+        self.student = KD3Student(
+            backbone, teacher.classifier, c_t, hw, o.shared_classifier, contrastive, o.contrastive_head
+        )
         if not o.shared_classifier and not o.kd_weight:  # the student's own classifier needs a KD signal
             o = replace(o, kd_weight=1.0)
         self.loss_fn = KD3Loss(o)
@@ -284,7 +305,7 @@ class KD3Method(Method):
         clean = self.student.parts(x)
         mixed = None
         if self.student.head is not None:  # the perturbed view feeds the instance term only
-            mixed = self.student.parts(mix_distribution(x, generator))
+            mixed = {"embedding": self.student.embed(mix_distribution(x, generator))}
         prior = None
         if self.query_prior and queries is not None:
             prior = query_log_prior(queries, t_logits.shape[1], self.query_prior)
