@@ -208,8 +208,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     epochs = args.epochs
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)  # created once the inputs are known to exist
     if args.world == "demo":
         base = read_params(args.params).get("distill", {})
     else:
@@ -234,6 +233,7 @@ def main() -> None:
         "Fashion-MNIST, the evaluation set",
         "install Debian's dataset-fashion-mnist (`apt-get install dataset-fashion-mnist`)",
     )
+    work.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
     record = TeacherRecord.load(teacher_dir)
     teacher = record.load_teacher()
