@@ -7,10 +7,12 @@ labelled set). Inference runs under ``torch.inference_mode`` and, on CUDA, bf16 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from distill.data import batches, to_float
 
@@ -133,3 +135,469 @@ def transfer_diagnostics(pred: np.ndarray, conf: np.ndarray, queries: np.ndarray
         "kappa": round(kappa, 4),
         "warnings": warnings,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# the teacher and the crawl query as two noisy annotators (Dawid & Skene 1979)
+# --------------------------------------------------------------------------------------------
+#
+# Each web image has a latent true class y and two labels: the class q whose crawl query found it
+# (-1: several classes' queries did) and the teacher's call a, in confidence bin b. With two
+# annotators, full K×K confusion matrices are not identifiable (any invertible mixing of the two
+# fits the K×K agreement table as well; EM started from the query stays at "the query is always
+# right"). So each annotator either knows the class, with a per-class probability, or guesses:
+#
+#   P(q | y)    = ρ_y [q = y] + (1 − ρ_y) μ_q                 the query's confusion
+#   P(a, b | y) = τ_y κ_b [a = y] + (1 − τ_y) ν_{b,a}         the teacher's, with its confidence
+#
+# ρ_y, τ_y: how often the query / the teacher knows class y; μ: the query's guesses (wrong-class
+# hits); ν: the teacher's guesses and their confidence (a collapsed teacher guesses one class);
+# κ: the teacher's confidence when it knows. An image of none of the classes and a class image both
+# annotators only guess on carry the same two labels, so the pool cannot tell them apart: "junk" is
+# the state in which neither annotator knows, with the two guess distributions as its own.
+# The E-step is O(1) per distinct (q, b, a): for every class but q and a the joint is the same
+# vector π_y (1 − ρ_y)(1 − τ_y) times one number, so no (N, K) array is ever built.
+
+QUERY_ACCURACY_START = 0.7  # the start, and the belief where the pool cannot tell: the query right 70% of the time
+PRIOR_IMAGES = 1.0  # weight, in images per class, of the Beta/Dirichlet priors centred on the start
+TEACHER_BINS = 4  # confidence bins: quantiles of the pool's top softmax probability
+BALANCE_ITERS = 30  # fixed-point steps that match the start's class totals to the crawl's
+EM_MAX_ITER = 500
+EM_TOL = 1e-7  # stop when an iteration gains less than this many nats per image
+
+
+@dataclass(frozen=True)
+class _Params:
+    prior: np.ndarray  # (K,) P(y)
+    rho: np.ndarray  # (K,) P(the query knows | y)
+    mu: np.ndarray  # (K,) the query's guesses
+    tau: np.ndarray  # (K,) P(the teacher knows | y)
+    kappa: np.ndarray  # (B,) the teacher's confidence bin when it knows
+    nu: np.ndarray  # (B, K) the teacher's (bin, call) when it guesses
+
+
+@dataclass(frozen=True)
+class _Observations:
+    """The pool grouped by distinct (query, bin, call): the EM's cost follows these, not the images."""
+
+    q: np.ndarray  # (U,) query class, -1 unknown
+    b: np.ndarray  # (U,) confidence bin
+    a: np.ndarray  # (U,) the teacher's call
+    w: np.ndarray  # (U,) images with this observation
+    conf: np.ndarray  # (U,) their mean confidence
+    inverse: np.ndarray  # (N,) image -> observation
+
+
+@dataclass(frozen=True)
+class _Posterior:
+    """The E-step per observation. For y ∉ {q, a}: P(y | obs) = bg · π_y (1 − ρ_y)(1 − τ_y) (query
+    known) or bg · π_y (1 − τ_y) (unknown)."""
+
+    z: np.ndarray  # (U,) P(obs)
+    bg: np.ndarray  # (U,) the both-guess scale
+    rq: np.ndarray  # (U,) P(y = q | obs) when q is known and differs from a, else 0
+    ra: np.ndarray  # (U,) P(y = a | obs)
+    kq: np.ndarray  # (U,) P(the query knows | y = q, obs)
+    kt: np.ndarray  # (U,) P(the teacher knows | y = a, obs)
+    junk: np.ndarray  # (U,) P(neither knows | obs)
+
+
+@dataclass(frozen=True)
+class Annotators:
+    """The annotator model: fitted by ``fit_annotators``, or the fixed query prior (``fixed``)."""
+
+    prior: np.ndarray  # (K,) class prior
+    query_knows: np.ndarray  # (K,) ρ
+    query_guess: np.ndarray  # (K,) μ
+    teacher_knows: np.ndarray  # (K,) τ
+    knows_bins: np.ndarray  # (B,) κ
+    teacher_guess: np.ndarray  # (B, K) ν
+    bin_edges: np.ndarray  # (B-1,) a call of confidence c is in bin searchsorted(edges, c, "right")
+    query_weight: float = 1.0  # γ: the query's evidence enters as P(q | y)^γ (T for the fixed prior)
+    trust_calls: bool = True  # the KD target keeps the teacher's own output as far as its call is right
+    weigh_junk: bool = True  # down-weight each image by 1 − P(junk | its labels) (off: the fixed prior)
+    iterations: int = 0
+    converged: bool = True
+    objective: tuple[float, ...] = ()  # log-likelihood + log-prior after each E-step (never decreases)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.prior)
+
+    @property
+    def bins(self) -> int:
+        return len(self.knows_bins)
+
+    def query_confusion(self) -> np.ndarray:
+        """(K, K) P(q | y): row = true class, column = the class whose query found the image."""
+        return (1 - self.query_knows)[:, None] * self.query_guess[None] + np.diag(self.query_knows)
+
+    def teacher_confusion(self) -> np.ndarray:
+        """(K, K) P(a | y): row = true class, column = the teacher's call, at any confidence."""
+        guess = self.teacher_guess.sum(0)
+        return (1 - self.teacher_knows)[:, None] * guess[None] + np.diag(self.teacher_knows)
+
+    def teacher_confusion_by_bin(self) -> np.ndarray:
+        """(B, K, K) P(a | y, b): the teacher's confusion among its calls in confidence bin b."""
+        eye = np.eye(self.num_classes)[None]
+        joint = self.teacher_knows[None, :, None] * self.knows_bins[:, None, None] * eye
+        joint = joint + (1 - self.teacher_knows)[None, :, None] * self.teacher_guess[:, None, :]  # (B, K, K)
+        return joint / joint.sum(2, keepdims=True)
+
+    def teacher_precision(self) -> np.ndarray:
+        """(B, K) P(y = a | a, b) from the teacher's labels alone: how often a call of class a in
+        confidence bin b is right."""
+        know = self.teacher_knows[None] * self.knows_bins[:, None]  # (B, K) τ_a κ_b
+        right = self.prior[None] * (know + (1 - self.teacher_knows)[None] * self.teacher_guess)
+        return right / (
+            self.teacher_guess * float((self.prior * (1 - self.teacher_knows)).sum()) + self.prior[None] * know
+        )
+
+    def query_accuracy(self) -> np.ndarray:
+        """(K,) P(q = y | y)."""
+        return np.diag(self.query_confusion()).copy()
+
+    def teacher_accuracy(self) -> np.ndarray:
+        """(K,) P(a = y | y)."""
+        return np.diag(self.teacher_confusion()).copy()
+
+    def junk_share(self) -> float:
+        """The pool's share that neither annotator knows (junk, or a class image both only guess on)."""
+        return float((self.prior * (1 - self.query_knows) * (1 - self.teacher_knows)).sum())
+
+    def posterior(self, pred: np.ndarray, conf: np.ndarray, queries: np.ndarray) -> np.ndarray:
+        """(N, K + 1): P(y | q, a, b) for each class, then P(junk | q, a, b), which overlaps them."""
+        b = np.searchsorted(self.bin_edges, conf, side="right")
+        known = queries >= 0
+        qc = np.where(known, queries, 0)
+        rows = np.arange(len(pred))
+        fq = (1 - self.query_knows)[None] * self.query_guess[qc][:, None]  # (N, K) P(q | y)
+        fq[rows, qc] += self.query_knows[qc]
+        fq = np.where(known[:, None], fq, 1.0) ** self.query_weight
+        guess = self.teacher_guess[b, pred]  # (N,)
+        ft = (1 - self.teacher_knows)[None] * guess[:, None]  # (N, K) P(a, b | y)
+        ft[rows, pred] += self.teacher_knows[pred] * self.knows_bins[b]
+        joint = self.prior[None] * fq * ft
+        z = joint.sum(1)
+        junk = np.where(known, self.query_guess[qc], 1.0) * guess * self.junk_share()
+        return np.concatenate([joint / z[:, None], (junk / z)[:, None]], axis=1)
+
+    @classmethod
+    def fixed(cls, num_classes: int, rho: float, temperature: float = 1.0, bins: int = 1) -> Annotators:
+        """The fixed query prior ρ at KD temperature T (``losses.query_log_prior``) as this model:
+        every class's query accuracy is ρ, its wrong hits are uniform, the teacher's call carries no
+        evidence (it never "knows") and is not trusted over the prior, no image is down-weighted,
+        and the query's evidence counts T times (γ = T): the fixed prior multiplies the *softened*
+        teacher, softmax(o_T/T) · π, which is (softmax(o_T) · π^T)^(1/T).
+
+        The query "knows" with r = (ρK − 1)/(K − 1), so P(q = y | y) = r + (1 − r)/K = ρ and, as a
+        function of y, P(q | y) ∝ ρ at y = q and (1 − ρ)/(K − 1) elsewhere. Below ρ = 1/K, r is
+        negative: the factor is then a likelihood against the query class, as such a ρ says.
+        """
+        k = num_classes
+        return cls(
+            prior=np.full(k, 1 / k),
+            query_knows=np.full(k, (rho * k - 1) / max(k - 1, 1)),
+            query_guess=np.full(k, 1 / k),
+            teacher_knows=np.zeros(k),
+            knows_bins=np.full(bins, 1 / bins),
+            teacher_guess=np.full((bins, k), 1 / (bins * k)),
+            bin_edges=np.linspace(0, 1, bins + 1)[1:-1],
+            query_weight=temperature,
+            trust_calls=False,
+            weigh_junk=False,
+        )
+
+
+def teacher_calls(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K) logits -> the teacher's call (argmax) and its confidence (top softmax probability)."""
+    z = np.asarray(logits, dtype=np.float32)
+    top = z.max(axis=1, keepdims=True)
+    conf = 1.0 / np.exp(z - top).sum(axis=1)  # exp(top − logsumexp)
+    return z.argmax(axis=1), conf.astype(np.float64)
+
+
+def _normalised(counts: np.ndarray, pseudo: np.ndarray | float) -> np.ndarray:
+    x = counts + pseudo
+    return x / x.sum()
+
+
+def _observations(pred: np.ndarray, conf: np.ndarray, queries: np.ndarray, k: int, edges: np.ndarray) -> _Observations:
+    cells = (len(edges) + 1) * k
+    b = np.searchsorted(edges, conf, side="right")
+    key = (queries + 1) * cells + b * k + pred  # unknown query (-1) -> 0
+    uniq, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+    w = counts.astype(np.float64)
+    return _Observations(
+        q=uniq // cells - 1,
+        b=(uniq % cells) // k,
+        a=uniq % k,
+        w=w,
+        conf=np.bincount(inverse, weights=conf, minlength=len(w)) / np.maximum(w, 1),
+        inverse=inverse.reshape(-1),
+    )
+
+
+def _e_step(p: _Params, o: _Observations) -> _Posterior:
+    known = o.q >= 0
+    qc = np.where(known, o.q, 0)
+    same = known & (o.q == o.a)
+    m = np.where(known, p.mu[qc], 1.0)  # the query guessed q (1: unobserved)
+    n = p.nu[o.b, o.a]  # the teacher guessed (b, a)
+    fq_q = p.rho[qc] + (1 - p.rho[qc]) * m  # P(q | y = q)
+    ft_a = p.tau[o.a] * p.kappa[o.b] + (1 - p.tau[o.a]) * n  # P(a, b | y = a)
+    g = p.prior * (1 - p.rho) * (1 - p.tau)  # (K,) both guess
+    h = p.prior * (1 - p.tau)  # (K,) the teacher guesses, the query unobserved
+    rest = np.where(known, g.sum() - g[qc] - np.where(same, 0.0, g[o.a]), h.sum() - h[o.a])
+    bg = m * n
+    lq = np.where(known & ~same, p.prior[qc] * fq_q * (1 - p.tau[qc]) * n, 0.0)  # y = q, teacher guessed a
+    la = p.prior[o.a] * np.where(same, fq_q, np.where(known, (1 - p.rho[o.a]) * m, 1.0)) * ft_a  # y = a
+    z = bg * np.maximum(rest, 0.0) + lq + la
+    return _Posterior(
+        z=z,
+        bg=bg / z,
+        rq=lq / z,
+        ra=la / z,
+        kq=np.where(known, p.rho[qc] / fq_q, 0.0),
+        kt=p.tau[o.a] * p.kappa[o.b] / ft_a,
+        junk=bg * g.sum() / z,
+    )
+
+
+def _statistics(p: _Params, o: _Observations, e: _Posterior) -> dict[str, np.ndarray]:
+    """Expected counts given the E-step: images per class, and who knew or guessed what."""
+    k, nb = len(p.prior), len(p.kappa)
+    known = o.q >= 0
+    qc = np.where(known, o.q, 0)
+    other = known & (o.q != o.a)
+    g = p.prior * (1 - p.rho) * (1 - p.tau)
+    h = p.prior * (1 - p.tau)
+    wbg = o.w * e.bg
+
+    def per_class(idx: np.ndarray, weight: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return np.bincount(idx[mask], weights=weight[mask], minlength=k)
+
+    # images of class y: the both-guess background of every row where y is neither q nor a, plus the
+    # rows that name y; the query's counts use only the rows whose query is known
+    with_query = g * (wbg[known].sum() - per_class(qc, wbg, known) - per_class(o.a, wbg, other))
+    with_query += per_class(qc, o.w * e.rq, other) + per_class(o.a, o.w * e.ra, known)
+    images = with_query + h * (wbg[~known].sum() - per_class(o.a, wbg, ~known)) + per_class(o.a, o.w * e.ra, ~known)
+    query_knew = o.w * np.where(o.q == o.a, e.ra, e.rq) * e.kq  # (U,)
+    teacher_knew = o.w * e.ra * e.kt
+    return {
+        "images": images,
+        "with_query": with_query,
+        "query_knew": per_class(qc, query_knew, known),
+        "query_guessed": per_class(qc, o.w - query_knew, known),
+        "teacher_knew": np.bincount(o.a, weights=teacher_knew, minlength=k),
+        "knew_bins": np.bincount(o.b, weights=teacher_knew, minlength=nb),
+        "guessed_cells": np.bincount(o.b * k + o.a, weights=o.w - teacher_knew, minlength=nb * k).reshape(nb, k),
+    }
+
+
+def _m_step(stats: dict[str, np.ndarray], start: _Params, s: float) -> _Params:
+    """MAP update: counts plus the priors' pseudo-counts, ``s`` images per class centred on the start."""
+    k, nb = len(start.prior), len(start.kappa)
+    return _Params(
+        prior=_normalised(stats["images"], s * k * start.prior),
+        rho=(stats["query_knew"] + s * start.rho) / (stats["with_query"] + s),
+        mu=_normalised(stats["query_guessed"], s * k * start.mu),
+        tau=(stats["teacher_knew"] + s * start.tau) / (stats["images"] + s),
+        kappa=_normalised(stats["knew_bins"], s * nb * start.kappa),
+        nu=_normalised(stats["guessed_cells"], s * nb * k * start.nu),
+    )
+
+
+def _log_prior(p: _Params, start: _Params, s: float) -> float:
+    """log of the priors ``_m_step`` maximises (Beta/Dirichlet with the start as mean), up to a constant."""
+    k, nb = len(p.prior), len(p.kappa)
+    out = s * k * (start.prior @ np.log(p.prior)) + s * k * (start.mu @ np.log(p.mu))
+    out += s * nb * (start.kappa @ np.log(p.kappa)) + s * nb * k * float((start.nu * np.log(p.nu)).sum())
+    for x, x0 in ((p.rho, start.rho), (p.tau, start.tau)):
+        out += s * float((x0 * np.log(x) + (1 - x0) * np.log1p(-x)).sum())
+    return float(out)
+
+
+def _start(o: _Observations, queries: np.ndarray, k: int, nb: int, query_accuracy: float) -> _Params:
+    """Where the EM starts, and what the priors hold to where the pool cannot tell: the query right
+    ``query_accuracy`` of the time with uniform wrong hits; the teacher knowing as often as its
+    confidence says (its unsure mass is its guessing); and a class prior chosen so that the start's
+    class totals equal the crawl's (the crawl asks for a set number of images per class). Starting
+    from both annotators this way, the classes cannot switch labels, and a teacher that calls most
+    of the pool one class starts out (and stays) outvoted by the queries."""
+    total = max(float(o.w.sum()), 1.0)
+    knows = float((o.w * o.conf).sum()) / total if len(o.w) else 0.5
+    share = _normalised(np.bincount(queries[queries >= 0], minlength=k).astype(np.float64), 1.0 / k)
+    unsure = np.bincount(o.b * k + o.a, weights=o.w * (1 - o.conf), minlength=nb * k)
+    p = _Params(
+        prior=share,
+        rho=np.full(k, query_accuracy),
+        mu=np.full(k, 1.0 / k),
+        tau=np.full(k, float(np.clip(knows, 0.05, 0.95))),
+        kappa=_normalised(np.bincount(o.b, weights=o.w * o.conf, minlength=nb), 1.0 / nb),
+        nu=_normalised(unsure.reshape(nb, k), 1.0 / (nb * k)),
+    )
+    for _ in range(BALANCE_ITERS):
+        images = _statistics(p, o, _e_step(p, o))["images"]
+        p = replace(p, prior=_normalised(p.prior * share / np.maximum(images / total, 1e-12), 0.0))
+    return p
+
+
+def fit_annotators(
+    pred: np.ndarray,
+    conf: np.ndarray,
+    queries: np.ndarray,
+    num_classes: int,
+    *,
+    bins: int = TEACHER_BINS,
+    query_accuracy: float = QUERY_ACCURACY_START,
+    prior_images: float = PRIOR_IMAGES,
+    max_iter: int = EM_MAX_ITER,
+    tol: float = EM_TOL,
+) -> Annotators:
+    """Fit the annotator model to the pool by EM (Dawid & Skene 1979, with per-class "knows or
+    guesses" confusions; see the block comment above). Deterministic: no random start.
+
+    ``pred``, ``conf``: the teacher's call and top softmax probability per image (``teacher_calls``);
+    ``queries``: the crawled-for class, -1 when unknown. Every parameter has a Beta/Dirichlet prior
+    of ``prior_images`` images per class centred on the start, so no cell is ever 0 and the estimates
+    stay at the start only in directions the pool cannot inform. Stops after ``max_iter`` iterations
+    or when one gains under ``tol`` nats per image.
+    """
+    k = num_classes
+    pred = np.asarray(pred, dtype=np.int64)
+    conf = np.asarray(conf, dtype=np.float64)
+    queries = np.asarray(queries, dtype=np.int64)
+    if not len(pred) == len(conf) == len(queries):
+        raise ValueError(f"fit_annotators: {len(pred)} calls, {len(conf)} confidences and {len(queries)} queries")
+    if len(pred) and (pred.min() < 0 or pred.max() >= k or queries.max() >= k or queries.min() < -1):
+        raise ValueError(f"fit_annotators: a call or query outside the {k} classes")
+    edges = np.quantile(conf, np.arange(1, bins) / bins) if len(conf) else np.linspace(0, 1, bins + 1)[1:-1]
+    o = _observations(pred, conf, queries, k, edges)
+    start = _start(o, queries, k, bins, query_accuracy)
+    p, objective, converged = start, [], False
+    per_image = tol * max(float(o.w.sum()), 1.0)
+    for _ in range(max_iter):
+        e = _e_step(p, o)
+        objective.append(float(o.w @ np.log(e.z)) + _log_prior(p, start, prior_images))
+        if len(objective) > 1 and objective[-1] - objective[-2] < per_image:
+            converged = True
+            break
+        p = _m_step(_statistics(p, o, e), start, prior_images)
+    return Annotators(
+        prior=p.prior,
+        query_knows=p.rho,
+        query_guess=p.mu,
+        teacher_knows=p.tau,
+        knows_bins=p.kappa,
+        teacher_guess=p.nu,
+        bin_edges=edges,
+        iterations=len(objective),
+        converged=converged,
+        objective=tuple(objective),
+    )
+
+
+class AnnotatorPrior(nn.Module):
+    """The annotator model on the device: per image of a batch, the log prior its KD target adds to
+    the teacher's logits, and its weight in the loss.
+
+    With a, b the teacher's call and its confidence bin, P(y) = P(y | q, a, b) the posterior given
+    both labels, and w = P(y = a) the posterior probability that the call is the image's class, the
+    target is the posterior expectation over whether the call is right, formed on the teacher's own
+    probabilities p = softmax(o_T) and then softened by the KD temperature T:
+
+        P₁ = w · p + P(y) [y ≠ a]
+        target = softmax((log P₁)/T) = softmax(o_T/T + log_prior),  log_prior = log(P₁/p) / T
+
+    If the call is right, P₁ is the teacher's output and the target plain KD, dark knowledge intact;
+    if it is wrong (a collapsed class, a class it confuses), the class is another one, weighed by
+    the posterior, in which the query counts as far as the EM found it reliable (the teacher's
+    second choices are not used there: the EM calibrates its calls, not the rest of its output).
+    Softening after the mixing keeps the mixture's decision; mixed after softmax(o_T/4), the flat
+    teacher term would let any sharp term outvote it, which is what the fixed prior does. Selection
+    adds ``log_prior`` at T = 1 to the teacher's and the student's logits. ``keep`` (B,) is the
+    image's weight in the KD loss, 1 − P(junk | q, a, b) over its pool mean (1 − the junk share):
+    junk counts less than clean images, and the KD term keeps its scale however junky the pool.
+    Every step is a gather or a ``where`` on the device: nothing is read back to the host. For
+    ``Annotators.fixed(K, ρ, T)`` w is 0 and the teacher's factor constant, so the target is exactly
+    ``softmax(o_T/T + query_log_prior(q, K, ρ))``.
+    """
+
+    log_class_prior: torch.Tensor
+    query_knows: torch.Tensor
+    query_guess: torch.Tensor
+    teacher_knows: torch.Tensor
+    knows_bins: torch.Tensor
+    teacher_guess: torch.Tensor
+    bin_edges: torch.Tensor
+    junk_mass: torch.Tensor
+    clean_share: torch.Tensor
+
+    def __init__(self, model: Annotators) -> None:
+        super().__init__()
+        self.model = model
+        self.trust_calls, self.weigh_junk, self.query_weight = model.trust_calls, model.weigh_junk, model.query_weight
+        tables = {
+            "log_class_prior": np.log(model.prior),
+            "query_knows": model.query_knows,
+            "query_guess": model.query_guess,
+            "teacher_knows": model.teacher_knows,
+            "knows_bins": model.knows_bins,
+            "teacher_guess": model.teacher_guess,
+            "bin_edges": model.bin_edges,
+            "junk_mass": np.asarray(model.junk_share()),
+            "clean_share": np.asarray(max(1 - model.junk_share(), 0.05)),
+        }
+        for name, value in tables.items():
+            # not in the state dict: a resumed run refits them from the same rows
+            self.register_buffer(name, torch.as_tensor(np.asarray(value), dtype=torch.float32), persistent=False)
+
+    def forward(
+        self, teacher_logits: torch.Tensor, queries: torch.Tensor, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        t = teacher_logits.float()  # (B, K)
+        conf, call = torch.softmax(t, dim=1).max(dim=1)  # (B,) the teacher's labels, at T = 1 as fitted
+        b = torch.bucketize(conf, self.bin_edges, right=True)  # as np.searchsorted(..., "right")
+        guessed = self.teacher_guess[b, call]  # (B,)
+        ft = (1 - self.teacher_knows)[None] * guessed[:, None]  # (B, K) P(a, b | y)
+        ft = ft.scatter_add(1, call[:, None], (self.teacher_knows[call] * self.knows_bins[b])[:, None])
+        known = queries >= 0
+        qc = queries.clamp_min(0)
+        fq = (1 - self.query_knows)[None] * self.query_guess[qc][:, None]  # (B, K) P(q | y)
+        fq = fq.scatter_add(1, qc[:, None], self.query_knows[qc][:, None])
+        fq = torch.where(known[:, None], fq, torch.ones_like(fq))
+        log_joint = self.log_class_prior[None] + self.query_weight * torch.log(fq) + torch.log(ft)  # log P(y, q, a, b)
+        log_obs = torch.logsumexp(log_joint, dim=1, keepdim=True)  # (B, 1) log P(q, a, b)
+        log_post = log_joint - log_obs  # (B, K) log P(y | q, a, b)
+        log_soft = torch.log_softmax(t, dim=1)  # the teacher's own probabilities
+        if not self.trust_calls:  # the fixed prior: the posterior whatever the call
+            log_prior = log_post - torch.logsumexp(log_soft + log_post, dim=1, keepdim=True)
+        else:
+            # w never 0: a target entry of exactly 0 makes the KL's 0 · log 0 a NaN
+            w = log_post.gather(1, call[:, None]).exp().clamp(1e-6, 1.0)  # (B, 1) P(y = a | q, a, b)
+            is_call = torch.zeros_like(log_post, dtype=torch.bool).scatter_(1, call[:, None], True)
+            wrong = log_post.masked_fill(is_call, float("-inf"))  # the call is wrong: P(y), y ≠ a
+            log_prior = torch.logaddexp(torch.log(w) + log_soft, wrong) - log_soft  # log(P₁ / p)
+        keep = torch.ones_like(conf)
+        if self.weigh_junk:
+            junk = torch.where(known, self.query_guess[qc], keep) * guessed * self.junk_mass
+            keep = (1 - torch.exp(torch.log(junk) - log_obs[:, 0])).clamp(0.0, 1.0) / self.clean_share
+        return log_prior / temperature, keep
+
+    def describe(self) -> str:
+        """The fit in one line, for the methods' ``describe``."""
+        m = self.model
+        return (
+            f"annotator model (EM, {m.iterations} iterations): teacher accuracy "
+            f"{float(m.prior @ m.teacher_accuracy()):.2f}, query accuracy {float(m.prior @ m.query_accuracy()):.2f}, "
+            f"junk {m.junk_share():.0%}"
+        )
+
+
+def annotator_prior(teacher_logits: torch.Tensor, queries: torch.Tensor) -> AnnotatorPrior:
+    """Fit the annotator model on the training rows' cached teacher logits (N, K) and crawl queries
+    (N,), once when a method is set up, and return it ready for ``.to(device)``."""
+    pred, conf = teacher_calls(teacher_logits.detach().float().cpu().numpy())
+    model = fit_annotators(pred, conf, queries.detach().cpu().numpy(), teacher_logits.shape[1])
+    return AnnotatorPrior(model)
