@@ -28,6 +28,10 @@ class Schedule:
     milestones: tuple[float, ...] = knob((0.625, 0.75, 0.875), 0, 1)  # fractions of epochs (150/180/210 of 240)
     gamma: float = knob(0.1, 0, 1, lo_open=True)
     warmup_epochs: int = knob(0, 0)
+    # "selected": an epoch is one pass over the images the selection kept (the paper: fewer kept, fewer
+    # steps); "pool": as many steps as the whole pool, drawn from the kept images (repeated as needed),
+    # so a selection changes which images are seen, not how many
+    epoch_size: Literal["selected", "pool"] = "selected"
     # an exponential moving average of the student's weights, evaluated and shipped in its place
     # (0: off). Its horizon is about 1/(1 − decay) steps; it warms up as min(decay, (1+n)/(10+n))
     ema_decay: float = knob(0.0, 0, 0.9999)

@@ -405,7 +405,11 @@ class Trainer:
         if len(chosen) < self.schedule.batch_size:  # guard: never less than one batch, the most confident
             conf = m.selection_confidence(e, epochs, teacher_logits, student_logits, queries)
             chosen = conf.topk(min(self.schedule.batch_size, len(conf))).indices
-        self.order = chosen[torch.randperm(len(chosen), generator=self.order_gen)]
+        passes = 1
+        if self.schedule.epoch_size == "pool":  # the pool's number of steps, whatever was kept
+            passes = -(-len(self.rows) // max(len(chosen), 1))
+        order = torch.cat([chosen[torch.randperm(len(chosen), generator=self.order_gen)] for _ in range(passes)])
+        self.order = order[: len(self.rows)] if passes > 1 else order
         trained = torch.zeros(len(self.rows), dtype=torch.bool)
         trained[chosen] = True
         self.last_selection = (trained, pred)  # for reports: contact sheets of kept and dropped images

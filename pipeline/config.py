@@ -252,6 +252,7 @@ class DistillConfig:
     lr_schedule: Literal["step", "cosine"] = same_as(Schedule, "lr_schedule")
     milestones: tuple[float, ...] = same_as(Schedule, "milestones")
     warmup_epochs: int = same_as(Schedule, "warmup_epochs")
+    epoch_size: Literal["selected", "pool"] = same_as(Schedule, "epoch_size")
     ema_decay: float = same_as(Schedule, "ema_decay")
     crop_scale: tuple[float, float] = same_as(Augment, "crop_scale")
     crop_ratio: tuple[float, float] = same_as(Augment, "crop_ratio")

@@ -66,6 +66,7 @@ def build(
     train_rows: np.ndarray | None = None,
     queries: np.ndarray | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    epoch_size: str = "selected",
 ) -> Trainer:
     """A KD³ trainer over ``images`` whose label-stage teacher logits are ``cached``; ``sharpen``
     scales the teacher's classifier (shared by the student), so the untrained student is confident
@@ -79,7 +80,7 @@ def build(
         method,
         ImagePool(images, torch.device("cpu")),
         cached,
-        schedule=Schedule(epochs=epochs, batch_size=batch_size, lr=0.05),
+        schedule=Schedule(epochs=epochs, batch_size=batch_size, lr=0.05, epoch_size=epoch_size),  # type: ignore[arg-type]
         augment=Augment(size=32),
         runtime=Runtime(),
         seed=0,
@@ -334,3 +335,23 @@ def test_without_selection_every_epoch_keeps_every_image(images: np.ndarray) -> 
     assert [r["selected_fraction"] for r in history] == [1.0, 1.0]
     assert t.last_selection is not None and bool(t.last_selection[0].all())
     assert [s is None for _, s in scored(t)] == [True, True]  # not even a student pass
+
+
+@pytest.mark.parametrize("epoch_size", ["selected", "pool"])
+def test_epoch_size_pool_fills_the_pool_s_steps_from_the_kept_images(images: np.ndarray, epoch_size: str) -> None:
+    n = len(images)
+    t = build(images, KD3Options(alpha_schedule="teacher"), guard_logits(n, 10), epoch_size=epoch_size)
+    t.select()
+    assert t.order is not None and t.last_selection is not None
+    kept = set(torch.nonzero(t.last_selection[0]).flatten().tolist())
+    assert len(kept) == 10 and set(t.order.tolist()) == kept  # only kept images, every one of them
+    counts = np.bincount(t.order.numpy(), minlength=n)[sorted(kept)]
+    if epoch_size == "selected":
+        assert len(t.order) == 10 and counts.max() == 1
+    else:  # as many as the pool, each kept image drawn ceil(n/10) or one time fewer
+        assert len(t.order) == n and counts.max() - counts.min() <= 1 and counts.max() == -(-n // 10)
+
+
+def test_alpha_teacher_lets_the_teacher_decide_every_epoch(images: np.ndarray) -> None:
+    t = build(images, KD3Options(alpha_schedule="teacher"), guard_logits(len(images), 10), epochs=4)
+    assert [t.method.alpha(e, 4) for e in range(4)] == [1.0] * 4  # type: ignore[attr-defined]

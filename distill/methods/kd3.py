@@ -59,9 +59,9 @@ class KD3Options:
     contrastive_head: Literal["projector", "backbone"] = "projector"  # g_S's input: the pooled projector
     # output, the projector running on both views (ours), or the pooled backbone feature, the projector
     # on the clean view only (the released code)
-    alpha_schedule: Literal["scaled", "released"] = "scaled"  # the selection's teacher weight α over the
-    # epochs: "scaled" stretches the released ramp (160 of 240 epochs, cut at 120) to the run's length;
-    # "released" keeps those constants (a short run then keeps α ≈ 1: the teacher decides throughout)
+    alpha_schedule: Literal["scaled", "released", "teacher"] = "scaled"  # the selection's teacher weight α
+    # over the epochs: "scaled" stretches the released ramp (160 of 240 epochs, cut at 120) to the run's
+    # length; "released" keeps those constants (a short run then keeps α ≈ 1); "teacher": α = 1 throughout
 
 
 class Projector(nn.Module):
@@ -243,7 +243,7 @@ class KD3Method(Method):
         self.loss_fn = KD3Loss(o)
         self.selection, self.tau, self.adaptive_thresholds = o.selection, o.tau, o.adaptive_thresholds
         self.query_prior, self.selection_view = o.query_prior, o.selection_view
-        self.released_alpha = o.alpha_schedule == "released"
+        self.alpha_mode = o.alpha_schedule
 
     def describe(self) -> str:
         sel = "dynamic selection" if self.selection else "no selection"
@@ -264,7 +264,7 @@ class KD3Method(Method):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.selection or student_logits is None:
             return super().select(epoch, epochs, teacher_logits, student_logits)
-        alpha = alpha_schedule(epoch, epochs, released=self.released_alpha)
+        alpha = self.alpha(epoch, epochs)
         teacher_logits, student_logits = self._with_prior(teacher_logits, student_logits, queries)
         if self.adaptive_thresholds:
             return select_instances(teacher_logits, student_logits, alpha, self.tau)
@@ -283,9 +283,15 @@ class KD3Method(Method):
         """c = max softmax(α·o_T + (1−α)·o_S), the confidence the thresholds compare (with the prior when on)."""
         if not self.selection or student_logits is None:
             return super().selection_confidence(epoch, epochs, teacher_logits, student_logits, queries)
-        alpha = alpha_schedule(epoch, epochs, released=self.released_alpha)
+        alpha = self.alpha(epoch, epochs)
         teacher_logits, student_logits = self._with_prior(teacher_logits, student_logits, queries)
         return torch.softmax(alpha * teacher_logits + (1 - alpha) * student_logits, dim=1).max(1).values
+
+    def alpha(self, epoch: int, epochs: int) -> float:
+        """The teacher's weight α in the selection's combined logits at the 0-based ``epoch``."""
+        if self.alpha_mode == "teacher":
+            return 1.0
+        return alpha_schedule(epoch, epochs, released=self.alpha_mode == "released")
 
     def _with_prior(
         self, teacher_logits: torch.Tensor, student_logits: torch.Tensor, queries: torch.Tensor | None
