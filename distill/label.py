@@ -60,15 +60,30 @@ MIN_KAPPA = 0.2  # teacher-query agreement below this Cohen's kappa is "slight" 
 STARVED_RATIO = 0.2  # a class predicted for under a fifth of the share its queries crawled: starved
 
 
-def transfer_diagnostics(pred: np.ndarray, conf: np.ndarray, queries: np.ndarray, classes: list[str]) -> dict[str, Any]:
+TRANSFER_KAPPA = 0.6  # the teacher's estimated accuracy this far from chance to its best: it transfers
+NO_TRANSFER_KAPPA = 0.2  # below this: it does not transfer ("slight", as MIN_KAPPA)
+UNRELIABLE_ACCURACY = 0.5  # a class the teacher is estimated to get right less often than this: unreliable
+
+
+def transfer_diagnostics(
+    pred: np.ndarray,
+    conf: np.ndarray,
+    queries: np.ndarray,
+    classes: list[str],
+    annotators: Annotators | None = None,
+) -> dict[str, Any]:
     """How the teacher sees the web pool, per class and overall, with warnings a user can act on.
 
     Each web image has two noisy labels: the teacher's prediction ``pred`` and the class its query
     was for (``queries``, -1 when unknown). Where the teacher transfers, the two agree far more often
     than chance; where it collapses onto a few classes or agrees only by chance, distillation from
-    its labels cannot recover the classes and more distillation will not help.
+    its labels cannot recover the classes and more distillation will not help. The annotator model
+    (``fit_annotators``, fitted here unless given) estimates per class how often each label is
+    right and how much of what was crawled for it is junk, and names the regime.
 
-    Returns ``{"per_class": [...], "agreement", "chance_agreement", "kappa", "warnings": [{code, message}]}``.
+    Returns ``{"per_class": [...], "agreement", "chance_agreement", "kappa", "annotators": {...},
+    "regime": {code, message}, "warnings": [{code, message}]}``; per class, the ``*_est`` keys are
+    the annotator model's estimates.
     """
     k = len(classes)
     n = max(len(pred), 1)
@@ -79,6 +94,10 @@ def transfer_diagnostics(pred: np.ndarray, conf: np.ndarray, queries: np.ndarray
     agree = float((pred[known] == queries[known]).mean()) if known.any() else 0.0
     chance = float((np.bincount(pred[known], minlength=k) / max(int(known.sum()), 1) * query_share).sum())
     kappa = (agree - chance) / (1 - chance) if chance < 1 else 0.0
+    model = fit_annotators(pred, conf, queries, k) if annotators is None else annotators
+    teacher_acc, query_acc = model.teacher_accuracy(), model.query_accuracy()
+    junk = model.junk_posterior(pred, conf, queries)
+    junk_crawled = np.bincount(queries[known], weights=junk[known], minlength=k) / np.maximum(query_count, 1)
     per_class = []
     for c, name in enumerate(classes):
         mine = known & (queries == c)
@@ -89,8 +108,12 @@ def transfer_diagnostics(pred: np.ndarray, conf: np.ndarray, queries: np.ndarray
                 "teacher_share": round(float(pred_share[c]), 4),  # share of the pool the teacher calls this class
                 "agreement": round(float((pred[mine] == c).mean()), 4) if mine.any() else None,
                 "confidence": round(float(conf[pred == c].mean()), 4) if (pred == c).any() else None,
+                "teacher_accuracy_est": round(float(teacher_acc[c]), 4),  # P(teacher calls c | an image of c)
+                "query_accuracy_est": round(float(query_acc[c]), 4),  # P(crawled for c | an image of c)
+                "junk_share_est": round(float(junk_crawled[c]), 4) if mine.any() else None,  # of those crawled for c
             }
         )
+    summary = _annotator_summary(model, pred_share, classes)
     warnings = []
     top = int(pred_share.argmax()) if len(pred) else 0
     expected = query_share[top] if known.any() else 1 / k
@@ -133,7 +156,65 @@ def transfer_diagnostics(pred: np.ndarray, conf: np.ndarray, queries: np.ndarray
         "agreement": round(agree, 4),
         "chance_agreement": round(chance, 4),
         "kappa": round(kappa, 4),
+        "annotators": summary,
+        "regime": _regime(summary, kappa if known.any() else None, classes),
         "warnings": warnings,
+    }
+
+
+def _annotator_summary(model: Annotators, pred_share: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """The annotator model's overall estimates (class-prior weighted), for the report."""
+    teacher = float(model.prior @ model.teacher_accuracy())
+    chance = float(model.prior @ pred_share)  # a teacher that calls classes at its rates, blind to the image
+    unreliable = [c for c, a in zip(classes, model.teacher_accuracy(), strict=True) if a < UNRELIABLE_ACCURACY]
+    return {
+        "teacher_accuracy": round(teacher, 4),
+        "teacher_chance": round(chance, 4),
+        "teacher_kappa": round((teacher - chance) / (1 - chance), 4) if chance < 1 else 0.0,
+        "query_accuracy": round(float(model.prior @ model.query_accuracy()), 4),
+        "junk_share": round(model.junk_share(), 4),
+        "unreliable_classes": unreliable,
+        "iterations": model.iterations,
+        "converged": model.converged,
+    }
+
+
+def _regime(summary: dict[str, Any], kappa: float | None, classes: list[str]) -> dict[str, str]:
+    """Does the teacher transfer, in part, or not at all, and what to do about it."""
+    t, q, chance = summary["teacher_accuracy"], summary["query_accuracy"], summary["teacher_chance"]
+    unreliable = summary["unreliable_classes"]
+    if summary["teacher_kappa"] < NO_TRANSFER_KAPPA or (kappa is not None and kappa < MIN_KAPPA):
+        why = (
+            f"the annotator model puts its accuracy on the web pool at {t:.0%}, {chance:.0%} by chance"
+            if summary["teacher_kappa"] < NO_TRANSFER_KAPPA
+            else f"it agrees with the crawl queries no better than chance (kappa {kappa:.2f}), so its accuracy "
+            "cannot be told from the query's"
+        )
+        return {
+            "code": "no_transfer",
+            "message": (
+                f"the teacher does not transfer to the web images: {why}. No distillation method can help: "
+                "crawl images closer to its training data (other queries, engines or sources), or check its "
+                "input size and mean/std."
+            ),
+        }
+    if summary["teacher_kappa"] >= TRANSFER_KAPPA and len(unreliable) <= 0.1 * len(classes):
+        return {
+            "code": "transfers",
+            "message": (
+                f"the teacher transfers: the annotator model puts its accuracy on the web pool at {t:.0%} "
+                f"(the crawl query's: {q:.0%}; junk {summary['junk_share']:.0%}). Distil as usual."
+            ),
+        }
+    names = ", ".join(map(repr, unreliable[:6])) + (" …" if len(unreliable) > 6 else "")
+    where = f", and under {UNRELIABLE_ACCURACY:.0%} on {len(unreliable)} of {len(classes)} classes ({names})"
+    return {
+        "code": "partial",
+        "message": (
+            f"the teacher transfers in part: the annotator model puts its accuracy on the web pool at {t:.0%} "
+            f"against the crawl query's {q:.0%}{where if unreliable else ''}. The query should dominate where the "
+            "teacher is unreliable: set distill.kd3.label_model (or distill.kd.label_model) to annotators."
+        ),
     }
 
 
@@ -281,6 +362,20 @@ class Annotators:
         z = joint.sum(1)
         junk = np.where(known, self.query_guess[qc], 1.0) * guess * self.junk_share()
         return np.concatenate([joint / z[:, None], (junk / z)[:, None]], axis=1)
+
+    def junk_posterior(self, pred: np.ndarray, conf: np.ndarray, queries: np.ndarray) -> np.ndarray:
+        """(N,) P(junk | q, a, b), in O(N + K) (``posterior`` builds the (N, K + 1) array)."""
+        params = _Params(
+            self.prior, self.query_knows, self.query_guess, self.teacher_knows, self.knows_bins, self.teacher_guess
+        )
+        o = _observations(
+            np.asarray(pred, dtype=np.int64),
+            np.asarray(conf, dtype=np.float64),
+            np.asarray(queries, dtype=np.int64),
+            self.num_classes,
+            self.bin_edges,
+        )
+        return _e_step(params, o).junk[o.inverse]
 
     @classmethod
     def fixed(cls, num_classes: int, rho: float, temperature: float = 1.0, bins: int = 1) -> Annotators:

@@ -1,8 +1,9 @@
 """Stage ``label``: teacher pseudo-labels (float16 logits, confidence, argmax) for every clean image.
 
 Outputs in ``label.out_dir``: ``logits.npy`` (N, K) float16, row i = row i of the clean array;
-``report.json`` (per-class counts, confidence quantiles, images/s and, in the demo, accuracy
-against the world's truth: a report only, training never reads it); ``confidence.png``.
+``report.json`` (per-class counts, confidence quantiles, images/s, the transfer diagnostics with
+the annotator model's estimates and regime, and, in the demo, accuracy against the world's truth:
+a report only, training never reads it); ``confidence.png``.
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ def run(cfg: LabelConfig) -> dict[str, Any]:
             f"({t['all']})"
         )
         print(line, file=sys.stderr)
+    regime = report["transfer"]["regime"]
+    print(f"label: regime [{regime['code']}]: {regime['message']}", file=sys.stderr)
     warnings = report["transfer"]["warnings"]
     for w in warnings:
         print(f"label: warning [{w['code']}]: {w['message']}", file=sys.stderr)
@@ -123,7 +126,8 @@ class TransferWarning(RuntimeError):
 
 
 def _table(report: dict[str, Any]) -> str:
-    """Per class: images crawled for it, the teacher's share of the pool, agreement, confidence."""
+    """Per class: images crawled for it, the teacher's share of the pool, agreement, confidence, and the
+    annotator model's estimates of how often the teacher and the query are right."""
     t = report["transfer"]
     accuracy = (report.get("demo_truth") or {}).get("per_class") or {}
     rows: list[list[Any]] = [
@@ -133,6 +137,8 @@ def _table(report: dict[str, Any]) -> str:
             "teacher share",
             "agrees with query",
             "confidence",
+            "teacher right (est.)",
+            "query right (est.)",
             *(["accuracy (demo)"] if accuracy else []),
         ]
     ]
@@ -143,14 +149,19 @@ def _table(report: dict[str, Any]) -> str:
             f"{c['teacher_share']:.1%}",
             "-" if c["agreement"] is None else f"{c['agreement']:.1%}",
             "-" if c["confidence"] is None else f"{c['confidence']:.2f}",
+            f"{c['teacher_accuracy_est']:.0%}",
+            f"{c['query_accuracy_est']:.0%}",
         ]
         if accuracy:
             a = accuracy.get(c["class"])
             cells.append("-" if a is None else f"{a:.1%}")
         rows.append(cells)
+    a = t["annotators"]
     tail = (
         f"label: the teacher agrees with the crawl queries on {t['agreement']:.1%} of the images "
-        f"(chance {t['chance_agreement']:.1%}, kappa {t['kappa']:.2f})"
+        f"(chance {t['chance_agreement']:.1%}, kappa {t['kappa']:.2f}); the annotator model (EM, "
+        f"{a['iterations']} iterations) estimates the teacher right on {a['teacher_accuracy']:.1%}, the query on "
+        f"{a['query_accuracy']:.1%}, junk {a['junk_share']:.1%}"
     )
     return format_table(rows) + "\n" + tail
 

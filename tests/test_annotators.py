@@ -3,8 +3,10 @@ built from it, and the fixed query prior as its special case."""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,6 +15,10 @@ import torch
 
 from distill.label import AnnotatorPrior, Annotators, fit_annotators, teacher_calls
 from distill.losses import kd_logit, query_log_prior
+from pipeline import label_stage
+from pipeline.config import LabelConfig
+
+from tiny_project import build_stage_inputs
 
 
 def annotated_pool(
@@ -202,3 +208,30 @@ def test_the_fit_stays_fast_at_30000_images_and_1000_classes() -> None:
     t0 = time.perf_counter()
     fit = fit_annotators(pool["a"], pool["conf"], pool["q"], k)
     assert time.perf_counter() - t0 < 15 and fit.converged
+
+
+@pytest.fixture(scope="module")
+def stage_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny project: an untrained 3-class teacher (what it says does not matter here), a packed
+    pool of 96 images and its labels."""
+    return build_stage_inputs(tmp_path_factory.mktemp("annotators"), teacher_epochs=0)
+
+
+def test_the_label_report_names_the_regime(
+    stage_inputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = json.loads((stage_inputs / "label" / "report.json").read_text())
+    transfer = report["transfer"]
+    assert transfer["regime"]["code"] in {"transfers", "partial", "no_transfer"} and transfer["regime"]["message"]
+    assert {"teacher_accuracy", "query_accuracy", "junk_share", "unreliable_classes"} <= set(transfer["annotators"])
+    assert all("teacher_accuracy_est" in c and "query_accuracy_est" in c for c in transfer["per_class"])
+    label_stage.run(
+        LabelConfig(
+            clean_dir=str(stage_inputs / "clean"),
+            teacher_dir=str(stage_inputs / "teacher"),
+            out_dir=str(tmp_path / "label"),
+            device="cpu",
+        )
+    )
+    printed = capsys.readouterr().err
+    assert f"label: regime [{transfer['regime']['code']}]" in printed and "query right (est.)" in printed

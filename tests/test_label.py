@@ -59,3 +59,35 @@ def test_images_of_unknown_query_count_for_shares_but_not_agreement() -> None:
     unknown[:100] = -1
     d = transfer_diagnostics(queries.copy(), conf, unknown, CLASSES)
     assert d["agreement"] == 1.0 and sum(c["crawled"] for c in d["per_class"]) == len(queries) - 100
+
+
+def partial_pool() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The teacher knows cat and dog, and calls every bird and fish a cat."""
+    queries, conf = pool()
+    pred = np.where(queries >= 2, 0, queries)
+    pred[::10] = (pred[::10] + 1) % 4
+    return pred, conf, queries
+
+
+def test_the_regime_says_whether_the_teacher_transfers_and_what_to_do() -> None:
+    queries, conf = pool()
+    agreeing = queries.copy()
+    agreeing[::4] = (agreeing[::4] + 1) % 4
+    transfers = transfer_diagnostics(agreeing, conf, queries, CLASSES)["regime"]
+    assert transfers["code"] == "transfers" and "Distil as usual" in transfers["message"]
+    partial = transfer_diagnostics(*partial_pool(), CLASSES)["regime"]
+    assert partial["code"] == "partial"
+    assert "'bird', 'fish'" in partial["message"] and "label_model" in partial["message"]
+    collapsed = transfer_diagnostics(np.zeros_like(queries), conf, queries, CLASSES)["regime"]
+    assert collapsed["code"] == "no_transfer" and "crawl images closer" in collapsed["message"]
+    chance = transfer_diagnostics(np.random.default_rng(1).integers(0, 4, len(queries)), conf, queries, CLASSES)
+    assert chance["regime"]["code"] == "no_transfer" and "no better than chance" in chance["regime"]["message"]
+
+
+def test_per_class_estimates_find_the_classes_the_teacher_gets_wrong() -> None:
+    d = transfer_diagnostics(*partial_pool(), CLASSES)
+    teacher = {c["class"]: c["teacher_accuracy_est"] for c in d["per_class"]}
+    assert teacher["cat"] > 0.7 and teacher["dog"] > 0.7 and teacher["bird"] < 0.2 and teacher["fish"] < 0.2
+    assert all(c["query_accuracy_est"] > 0.7 for c in d["per_class"])
+    assert d["annotators"]["unreliable_classes"] == ["bird", "fish"] and d["annotators"]["converged"]
+    assert all(0 <= c["junk_share_est"] <= 1 for c in d["per_class"])

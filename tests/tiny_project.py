@@ -19,9 +19,10 @@ from pipeline.config import LabelConfig, TeacherConfig
 from conftest import TINY_CLASSES, synthetic_items
 
 
-def build_stage_inputs(root: Path) -> Path:
+def build_stage_inputs(root: Path, teacher_epochs: int = 3) -> Path:
     """A teacher record, a packed pool of 96 images and its labels, and an eval folder under ``root``:
-    what the clean, teacher and label stages leave for distill."""
+    what the clean, teacher and label stages leave for distill. ``teacher_epochs: 0`` keeps the
+    teacher untrained (most of the cost), for tests that only need the stages' outputs to exist."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "classes.txt").write_text("\n".join(TINY_CLASSES) + "\n")
     images, labels = synthetic_items(32, 3)
@@ -34,20 +35,21 @@ def build_stage_inputs(root: Path) -> Path:
         out_dir=str(root / "teacher"),
         device="cpu",
     )
-    train_classifier(
-        teacher,
-        pool,
-        labels,
-        mean=cfg.mean,
-        std=cfg.std,
-        input_size=32,
-        epochs=3,
-        batch_size=32,
-        lr=0.05,
-        weight_decay=0.0,
-        seed=0,
-        device=torch.device("cpu"),
-    )
+    if teacher_epochs:
+        train_classifier(
+            teacher,
+            pool,
+            labels,
+            mean=cfg.mean,
+            std=cfg.std,
+            input_size=32,
+            epochs=teacher_epochs,
+            batch_size=32,
+            lr=0.05,
+            weight_decay=0.0,
+            seed=0,
+            device=torch.device("cpu"),
+        )
     torch.save(teacher.state_dict(), root / "teacher.pt")
     teacher_stage.run(cfg)
     (root / "clean").mkdir()
