@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from distill.data import batches, to_float
+from distill.losses import query_log_prior
 
 
 def predict(
@@ -611,9 +612,9 @@ class AnnotatorPrior(nn.Module):
     second choices are not used there: the EM calibrates its calls, not the rest of its output).
     Softening after the mixing keeps the mixture's decision; mixed after softmax(o_T/4), the flat
     teacher term would let any sharp term outvote it, which is what the fixed prior does. Selection
-    adds ``log_prior`` at T = 1 to the teacher's and the student's logits. ``keep`` (B,) is the
-    image's weight in the KD loss, 1 − P(junk | q, a, b) over its pool mean (1 − the junk share):
-    junk counts less than clean images, and the KD term keeps its scale however junky the pool.
+    adds ``log_prior`` at T = 1 to the teacher's and the student's logits. ``clean`` (B,) is
+    1 − P(junk | q, a, b) (1 for the fixed prior): selection multiplies its confidence by it, and
+    the KD loss weighs each image by it over its pool mean, ``clean_share`` (``LabelPrior``).
     Every step is a gather or a ``where`` on the device: nothing is read back to the host. For
     ``Annotators.fixed(K, ρ, T)`` w is 0 and the teacher's factor constant, so the target is exactly
     ``softmax(o_T/T + query_log_prior(q, K, ρ))``.
@@ -677,7 +678,7 @@ class AnnotatorPrior(nn.Module):
         keep = torch.ones_like(conf)
         if self.weigh_junk:
             junk = torch.where(known, self.query_guess[qc], keep) * guessed * self.junk_mass
-            keep = (1 - torch.exp(torch.log(junk) - log_obs[:, 0])).clamp(0.0, 1.0) / self.clean_share
+            keep = (1 - torch.exp(torch.log(junk) - log_obs[:, 0])).clamp(0.0, 1.0)
         return log_prior / temperature, keep
 
     def describe(self) -> str:
@@ -696,3 +697,60 @@ def annotator_prior(teacher_logits: torch.Tensor, queries: torch.Tensor) -> Anno
     pred, conf = teacher_calls(teacher_logits.detach().float().cpu().numpy())
     model = fit_annotators(pred, conf, queries.detach().cpu().numpy(), teacher_logits.shape[1])
     return AnnotatorPrior(model)
+
+
+class LabelPrior(nn.Module):
+    """What a distillation method adds to the teacher's logits for its KD target and its selection
+    score: nothing, the fixed query prior ρ (``label_model: fixed``, ``query_prior: ρ``; 0: off),
+    or the annotator model (``label_model: annotators``), fitted by ``fit`` once, on the training
+    rows' cached teacher logits and crawl queries, before training (``Method.prepare``)."""
+
+    def __init__(self, label_model: str, query_prior: float) -> None:
+        super().__init__()
+        if label_model not in ("fixed", "annotators"):
+            raise ValueError(f"label_model {label_model!r}: expected fixed or annotators")
+        self.label_model, self.rho = label_model, query_prior
+        self.annotators: AnnotatorPrior | None = None
+
+    def fit(self, teacher_logits: torch.Tensor, queries: torch.Tensor) -> None:
+        if self.label_model == "annotators":
+            self.annotators = annotator_prior(teacher_logits, queries)
+
+    def _annotators(self) -> AnnotatorPrior:
+        if self.annotators is None:
+            raise RuntimeError("label_model annotators: fit the model first (Method.prepare; the trainer calls it)")
+        return self.annotators
+
+    def kd(
+        self, teacher_logits: torch.Tensor, queries: torch.Tensor | None, temperature: float
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(log prior (B, K) for ``kd_logit``, per-image weight (B,)), each None when unused. The weight is
+        1 − P(junk) over its pool mean: junk counts less, and the KD term keeps its scale."""
+        if queries is None:
+            return None, None
+        if self.label_model == "fixed":
+            return (query_log_prior(queries, teacher_logits.shape[1], self.rho), None) if self.rho else (None, None)
+        model = self._annotators()
+        log_prior, clean = model(teacher_logits, queries, temperature)
+        return log_prior, clean / model.clean_share
+
+    def selection(
+        self, teacher_logits: torch.Tensor, queries: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(log prior (N, K) at T = 1, P(not junk) (N,)) for the selection pass, on the logits' device."""
+        if queries is None:
+            return None, None
+        if self.label_model == "fixed":
+            return (query_log_prior(queries, teacher_logits.shape[1], self.rho), None) if self.rho else (None, None)
+        model = self._annotators()
+        where = model.bin_edges.device  # once per epoch: the pool's logits to the tables and back
+        log_prior, clean = model(teacher_logits.to(where), queries.to(where))
+        return log_prior.to(teacher_logits.device), clean.to(teacher_logits.device)
+
+    def describe(self) -> str:
+        """What the targets use ("" when nothing)."""
+        if self.label_model == "annotators":
+            if self.annotators is None:
+                return "annotator model (fitted when training starts)"
+            return self.annotators.describe()
+        return f"query prior ρ={self.rho:g}" if self.rho else ""

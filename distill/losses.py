@@ -32,12 +32,14 @@ def kd_logit(
     teacher_logits: torch.Tensor,
     temperature: float = 4.0,
     log_prior: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Hinton et al. 2015: ``T² · KL(p_T ‖ p_S)`` at temperature T, averaged over the batch.
 
     Shapes: (B, K), (B, K) -> scalar. The teacher side carries no gradient. With ``log_prior``
     (B, K) the target is ``p_T ∝ softmax(o_T/T) · π`` (ours: the crawl query as a prior, see
-    ``query_log_prior``).
+    ``query_log_prior``, or the annotator model's, ``distill.label.AnnotatorPrior``). With
+    ``weight`` (B,) each image's KL counts that much in the mean over the batch.
     """
     t = temperature
     log_p_s = F.log_softmax(student_logits / t, dim=1)
@@ -45,7 +47,10 @@ def kd_logit(
     if log_prior is not None:
         target = target + log_prior
     log_p_t = F.log_softmax(target, dim=1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * t * t
+    if weight is None:
+        return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * t * t
+    kl = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(1)  # (B,)
+    return (weight.detach() * kl).mean() * t * t
 
 
 def feature_align(
@@ -168,13 +173,20 @@ def class_thresholds(pred: torch.Tensor, num_classes: int, tau: float = 0.95) ->
 
 
 def select_instances(
-    teacher_logits: torch.Tensor, student_logits: torch.Tensor, alpha: float, tau: float = 0.95
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    alpha: float,
+    tau: float = 0.95,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep ``c_j > τ_ŷj`` on ``softmax(α o_T + (1−α) o_S)``; returns (mask (N,), pseudo-class (N,)).
 
-    The pseudo-class only chooses the subset: no KD³ loss uses it.
+    The pseudo-class only chooses the subset: no KD³ loss uses it. ``weight`` (N,) scales each
+    confidence (ours: P(not junk) from the annotator model).
     """
     q = torch.softmax(alpha * teacher_logits + (1 - alpha) * student_logits, dim=1)
     conf, pred = q.max(dim=1)
+    if weight is not None:
+        conf = conf * weight
     thresholds = class_thresholds(pred, q.shape[1], tau)
     return conf > thresholds[pred], pred

@@ -1,7 +1,8 @@
 """The distillation loop: per-epoch selection, batched device-side augmentation, AMP, resume, DDP.
 
 The trainer receives built objects (a ``Method``, an ``ImagePool``, the teacher's logits on the
-clean view of every pool row) and plain settings; it never sees the config tree.
+clean view of every pool row) and plain settings; it never sees the config tree. Before training it
+hands the method the training rows' cached logits and crawl queries once (``Method.prepare``).
 
 Each epoch:
 1. selection pass (``Method.select``) over every training row of the pool, in eval mode without
@@ -76,6 +77,11 @@ class Method(nn.Module):
 
     def needs_student_logits(self, epoch: int) -> bool:
         return False
+
+    def prepare(self, teacher_logits: torch.Tensor, queries: torch.Tensor) -> None:
+        """Called once by the trainer before training (and before the method moves to its device), with
+        the training rows' cached clean-view teacher logits (N, K) and crawl queries (N,): a method
+        that models the pool fits that model here, never per step."""
 
     def select(
         self,
@@ -197,6 +203,7 @@ class Trainer:
         self.queries = torch.as_tensor(q.astype(np.int64))  # by pool row
         self.seed, self.checkpoint, self.fingerprint = seed, checkpoint, fingerprint
         self.evaluate, self.on_epoch = evaluate, on_epoch
+        method.prepare(self.teacher_logits, self.queries[self.rows])  # deterministic: every rank fits the same
         torch.manual_seed(seed)
         method.to(self.device)
         if runtime.channels_last:  # NHWC: faster convolutions on CUDA and on CPU (oneDNN) alike

@@ -13,11 +13,20 @@ import numpy as np
 import pytest
 import torch
 
-from distill.label import AnnotatorPrior, Annotators, fit_annotators, teacher_calls
+from demo.fashion_mnist import fashion_mnist_rgb32
+from distill.data import ImagePool
+from distill.label import AnnotatorPrior, Annotators, LabelPrior, fit_annotators, teacher_calls
 from distill.losses import kd_logit, query_log_prior
+from distill.methods.kd import KDMethod, KDOptions
+from distill.methods.kd3 import KD3Method, KD3Options
+from distill.models import build_model
+from distill.settings import Augment, Runtime, Schedule
+from distill.teacher import Teacher
+from distill.trainer import Method, Trainer
 from pipeline import label_stage
 from pipeline.config import LabelConfig
 
+from conftest import synthetic_items
 from tiny_project import build_stage_inputs
 
 
@@ -122,11 +131,15 @@ def test_junk_gets_a_higher_junk_posterior_and_a_lower_kd_weight() -> None:
     fit = fit_annotators(pool["a"], pool["conf"], pool["q"], k)
     junk = fit.posterior(pool["a"], pool["conf"], pool["q"])[:, k]
     assert junk[pool["junk"]].mean() > junk[~pool["junk"]].mean() + 0.1
-    logits = torch.from_numpy(logits_for(pool["a"], pool["conf"], k))
-    _, keep = AnnotatorPrior(fit)(logits, torch.from_numpy(pool["q"]), 4.0)
-    assert torch.allclose(keep, torch.from_numpy((1 - junk) / (1 - fit.junk_share())).float(), atol=1e-4)
-    assert abs(keep.mean() - 1) < 0.05  # relative weights: the KD term keeps its scale
-    assert keep[torch.from_numpy(pool["junk"])].mean() < keep[torch.from_numpy(~pool["junk"])].mean() - 0.1
+    logits, queries = torch.from_numpy(logits_for(pool["a"], pool["conf"], k)), torch.from_numpy(pool["q"])
+    _, clean = AnnotatorPrior(fit)(logits, queries, 4.0)
+    assert torch.allclose(clean, torch.from_numpy(1 - junk).float(), atol=1e-4)  # device and NumPy agree
+    prior = LabelPrior("annotators", 0.0)
+    prior.fit(logits, queries)  # what Method.prepare does
+    _, weight = prior.kd(logits, queries, 4.0)
+    assert weight is not None and abs(weight.mean() - 1) < 0.05  # relative weights: the KD term keeps its scale
+    is_junk = torch.from_numpy(pool["junk"])
+    assert weight[is_junk].mean() < weight[~is_junk].mean() - 0.1
 
 
 @pytest.mark.parametrize("rho", [0.05, 0.4, 0.7, 0.999])
@@ -235,3 +248,69 @@ def test_the_label_report_names_the_regime(
     )
     printed = capsys.readouterr().err
     assert f"label: regime [{transfer['regime']['code']}]" in printed and "query right (est.)" in printed
+
+
+@pytest.fixture(scope="module")
+def pool_and_teacher() -> tuple[np.ndarray, np.ndarray, Teacher]:
+    """72 synthetic 3-class images, their crawl queries (a tenth wrong, a tenth unknown), a tiny teacher."""
+    images, labels = synthetic_items(24, 3)
+    queries = labels.astype(np.int64)
+    queries[::10] = (queries[::10] + 1) % 3
+    queries[5::10] = -1
+    torch.manual_seed(0)
+    return fashion_mnist_rgb32(images), queries, Teacher(build_model("resnet8", 3), [0.3] * 3, [0.35] * 3)
+
+
+def annotator_trainer(pool_and_teacher: Any, method: Method, checkpoint: Path | None = None) -> Trainer:
+    images, queries, teacher = pool_and_teacher
+    with torch.no_grad():
+        logits = teacher(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+    return Trainer(
+        method,
+        ImagePool(images, torch.device("cpu")),
+        logits,
+        schedule=Schedule(epochs=2, batch_size=16, lr=0.05),
+        augment=Augment(size=32),
+        runtime=Runtime(),
+        seed=0,
+        queries=queries,
+        checkpoint=checkpoint,
+        fingerprint="annotators",
+    )
+
+
+def annotator_method(name: str, teacher: Teacher) -> Method:
+    torch.manual_seed(0)
+    if name == "kd3":  # selection on, and the KD term, so both read the model
+        options = KD3Options(label_model="annotators", kd_weight=1.0, selection=True, tau=0.3)
+        return KD3Method(teacher, build_model("resnet8", 3), options, input_size=32)
+    return KDMethod(teacher, build_model("resnet8", 3), KDOptions(label_model="annotators"))
+
+
+@pytest.mark.parametrize("name", ["kd3", "kd"])
+def test_the_methods_train_with_the_annotator_model_fitted_once(
+    pool_and_teacher: Any, tmp_path: Path, name: str
+) -> None:
+    teacher = pool_and_teacher[2]
+    method = annotator_method(name, teacher)
+    assert "fitted when training starts" in method.describe()
+    trainer = annotator_trainer(pool_and_teacher, method, tmp_path / "checkpoint.pt")
+    fitted = method.label_prior.annotators  # fitted by the trainer, from the cached logits and queries
+    assert fitted is not None and "annotator model (EM" in method.describe()
+    trainer._run_epoch()
+    row = trainer.history[-1]
+    assert np.isfinite(row["loss"]) and row["kd"] > 0 and row["skipped_steps"] == 0
+    assert method.label_prior.annotators is fitted  # once, at set-up: never per step or per epoch
+    assert not any("label_prior" in k for k in method.state_dict())  # refitted on resume, never saved
+    resumed = annotator_trainer(pool_and_teacher, annotator_method(name, teacher), tmp_path / "checkpoint.pt")
+    assert resumed.resumed and resumed.epoch == 1
+    resumed._run_epoch()
+    assert np.isfinite(resumed.history[-1]["loss"])
+
+
+def test_an_unfitted_annotator_model_says_what_to_do(pool_and_teacher: Any) -> None:
+    _, _, teacher = pool_and_teacher
+    method = KDMethod(teacher, build_model("resnet8", 3), KDOptions(label_model="annotators"))
+    with pytest.raises(RuntimeError, match="Method.prepare"):
+        method(torch.rand(4, 3, 32, 32), None, torch.tensor([0, 1, 2, -1]))
+    assert torch.isfinite(method(torch.rand(4, 3, 32, 32))["loss"])  # no queries: plain KD

@@ -140,3 +140,17 @@ def test_kd_with_a_prior_targets_the_tempered_posterior() -> None:
     matched = t_logits + 4.0 * lp  # softmax(o/T) = softmax(o_T/T) · π (renormalised)
     assert kd_logit(matched, t_logits, 4.0, lp) < 1e-5
     assert kd_logit(t_logits, t_logits, 4.0, lp) > 0.01 and kd_logit(t_logits, t_logits, 4.0) < 1e-6
+
+
+def test_kd_weighs_each_image_and_unit_weights_are_plain_kd() -> None:
+    g = torch.Generator().manual_seed(1)
+    s_logits, t_logits = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    assert torch.isclose(kd_logit(s_logits, t_logits, 4.0, weight=torch.ones(6)), kd_logit(s_logits, t_logits, 4.0))
+    first = torch.tensor([1.0, 0, 0, 0, 0, 0])  # the mean is still over the whole batch
+    assert torch.isclose(kd_logit(s_logits, t_logits, 4.0, weight=first) * 6, kd_logit(s_logits[:1], t_logits[:1], 4.0))
+
+
+def test_selection_scales_each_confidence_by_its_weight() -> None:
+    t = torch.tensor([[9.0, 0, 0], [0, 9.0, 0]])
+    mask, pseudo = select_instances(t, torch.zeros(2, 3), alpha=1.0, tau=0.9, weight=torch.tensor([1.0, 0.5]))
+    assert mask.tolist() == [True, False] and pseudo.tolist() == [0, 1]  # the half-junk row falls under τ

@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from distill.label import LabelPrior
 from distill.losses import (
     alpha_schedule,
     feature_align,
     instance_align,
     kd_logit,
     mix_distribution,
-    query_log_prior,
     select_instances,
 )
 from distill.methods import register_method
@@ -56,6 +56,9 @@ class KD3Options:
     temperature: float = knob(0.3, 0, lo_open=True)  # NT-Xent temperature
     kd_weight: float = knob(0.0, 0)  # ours, off in the paper: Hinton KD (T=4) on the shared-classifier logits
     query_prior: float = knob(0.0, 0, 0.999)  # ours: ρ, the crawl query as a prior on the label (0: off)
+    label_model: Literal["fixed", "annotators"] = "fixed"  # ours: how KD targets and selection combine
+    # the teacher and the crawl query: "fixed", the prior ρ above; "annotators", a model of both labels'
+    # per-class reliability fitted on the pool when training starts (query_prior unused)
     contrastive_head: Literal["projector", "backbone"] = "projector"  # g_S's input: the pooled projector
     # output, the projector running on both views (ours), or the pooled backbone feature, the projector
     # on the clean view only (the released code)
@@ -188,6 +191,7 @@ class KD3Loss(nn.Module):
         teacher_map: torch.Tensor,
         teacher_logits: torch.Tensor,
         log_prior: torch.Tensor | None = None,
+        weight: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         projected = clean["projected"]
         if teacher_map.shape[-1] > projected.shape[-1]:  # the teacher map is pooled to the student's size
@@ -202,7 +206,7 @@ class KD3Loss(nn.Module):
             out["instance_align"] = instance_align(clean["embedding"], mixed["embedding"], self.temperature)
             total = total + self.mix_weight * out["instance_align"]
         if self.kd_weight:
-            out["kd"] = kd_logit(clean["logits"], teacher_logits, self.kd_temperature, log_prior)
+            out["kd"] = kd_logit(clean["logits"], teacher_logits, self.kd_temperature, log_prior, weight)
             total = total + self.kd_weight * out["kd"]
         return {"loss": total, **out}
 
@@ -242,14 +246,18 @@ class KD3Method(Method):
             o = replace(o, kd_weight=1.0)
         self.loss_fn = KD3Loss(o)
         self.selection, self.tau, self.adaptive_thresholds = o.selection, o.tau, o.adaptive_thresholds
-        self.query_prior, self.selection_view = o.query_prior, o.selection_view
+        self.selection_view = o.selection_view
         self.alpha_mode = o.alpha_schedule
+        self.label_prior = LabelPrior(o.label_model, o.query_prior)
 
     def describe(self) -> str:
         sel = "dynamic selection" if self.selection else "no selection"
         where = "selection and KD targets" if self.selection else "KD targets"
-        prior = f"; query prior ρ={self.query_prior:g} in {where}" if self.query_prior else ""
-        return f"{self.loss_fn.describe()}; {sel}{prior}"
+        prior = self.label_prior.describe()
+        return f"{self.loss_fn.describe()}; {sel}" + (f"; {prior} in {where}" if prior else "")
+
+    def prepare(self, teacher_logits: torch.Tensor, queries: torch.Tensor) -> None:
+        self.label_prior.fit(teacher_logits, queries)
 
     def needs_student_logits(self, epoch: int) -> bool:
         return self.selection
@@ -265,12 +273,12 @@ class KD3Method(Method):
         if not self.selection or student_logits is None:
             return super().select(epoch, epochs, teacher_logits, student_logits)
         alpha = self.alpha(epoch, epochs)
-        teacher_logits, student_logits = self._with_prior(teacher_logits, student_logits, queries)
+        teacher_logits, student_logits, clean = self._with_prior(teacher_logits, student_logits, queries)
         if self.adaptive_thresholds:
-            return select_instances(teacher_logits, student_logits, alpha, self.tau)
+            return select_instances(teacher_logits, student_logits, alpha, self.tau, clean)
         q = torch.softmax(alpha * teacher_logits + (1 - alpha) * student_logits, dim=1)
         conf, pred = q.max(1)
-        return conf > self.tau, pred
+        return (conf if clean is None else conf * clean) > self.tau, pred
 
     def selection_confidence(
         self,
@@ -284,8 +292,9 @@ class KD3Method(Method):
         if not self.selection or student_logits is None:
             return super().selection_confidence(epoch, epochs, teacher_logits, student_logits, queries)
         alpha = self.alpha(epoch, epochs)
-        teacher_logits, student_logits = self._with_prior(teacher_logits, student_logits, queries)
-        return torch.softmax(alpha * teacher_logits + (1 - alpha) * student_logits, dim=1).max(1).values
+        teacher_logits, student_logits, clean = self._with_prior(teacher_logits, student_logits, queries)
+        conf = torch.softmax(alpha * teacher_logits + (1 - alpha) * student_logits, dim=1).max(1).values
+        return conf if clean is None else conf * clean
 
     def alpha(self, epoch: int, epochs: int) -> float:
         """The teacher's weight α in the selection's combined logits at the 0-based ``epoch``."""
@@ -295,12 +304,13 @@ class KD3Method(Method):
 
     def _with_prior(
         self, teacher_logits: torch.Tensor, student_logits: torch.Tensor, queries: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ours: both views of the posterior given the crawl query, when the query prior is on."""
-        if not self.query_prior or queries is None:
-            return teacher_logits, student_logits
-        prior = query_log_prior(queries, teacher_logits.shape[1], self.query_prior)
-        return teacher_logits + prior, student_logits + prior
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Ours: both views of the posterior given the crawl query (the fixed prior or the annotator
+        model), and with the annotator model each row's P(not junk), which scales its confidence."""
+        prior, clean = self.label_prior.selection(teacher_logits, queries)
+        if prior is None:
+            return teacher_logits, student_logits, clean
+        return teacher_logits + prior, student_logits + prior, clean
 
     def forward(
         self, x01: torch.Tensor, generator: torch.Generator | None = None, queries: torch.Tensor | None = None
@@ -312,7 +322,7 @@ class KD3Method(Method):
         mixed = None
         if self.student.head is not None:  # the perturbed view feeds the instance term only
             mixed = {"embedding": self.student.embed(mix_distribution(x, generator))}
-        prior = None
-        if self.query_prior and queries is not None:
-            prior = query_log_prior(queries, t_logits.shape[1], self.query_prior)
-        return self.loss_fn(clean, mixed, t_map.float(), t_logits.float(), prior)
+        prior, weight = None, None
+        if self.loss_fn.kd_weight:  # the only term with a target to shape
+            prior, weight = self.label_prior.kd(t_logits.float(), queries, self.loss_fn.kd_temperature)
+        return self.loss_fn(clean, mixed, t_map.float(), t_logits.float(), prior, weight)
