@@ -31,8 +31,12 @@ nothing leaves the machine.
     python benchmarks/accuracy.py --epochs 60 --seeds 0 1 2 3 4    # a GPU
     python benchmarks/accuracy.py --quick --epochs 1 --seeds 0 --variants "KD (web)"   # a quick check
     python benchmarks/accuracy.py --quick --world partial --variants "CE on" "KD (web)" "KD +" "default"
+    python benchmarks/accuracy.py --quick --study selection --seeds 0 1 2 3 4   # what selection does
 
-The table goes to ``benchmarks/results/accuracy.md`` (``accuracy-partial.md`` for the partial world;
+``--study selection`` runs faithful KD³ variants of the selection instead (see ``STUDIES``).
+
+The table goes to ``benchmarks/results/accuracy.md`` (``accuracy-partial.md`` for the partial world,
+``accuracy-selection.md`` for the study;
 on CUDA with ``-cuda`` added); a run of some rows only (``--variants``) goes under
 ``benchmarks/out/`` (``--out`` to change either).
 """
@@ -40,6 +44,7 @@ on CUDA with ``-cuda`` added); a run of some rows only (``--variants``) goes und
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -69,6 +74,7 @@ from pipeline import distill_stage  # noqa: E402
 from pipeline.artifacts.clean import CleanSet  # noqa: E402
 from pipeline.artifacts.label import PseudoLabels  # noqa: E402
 from pipeline.artifacts.teacher import TeacherRecord  # noqa: E402
+from pipeline.artifacts.world import WorldTruth  # noqa: E402
 from pipeline.config import DistillConfig, build, read_params  # noqa: E402
 
 # KD³ as the paper describes it: every component on, every switch of ours off
@@ -99,6 +105,25 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "KD³ −MixDistribution": {"method": "kd3", "kd3": {**FAITHFUL["kd3"], "mixdistribution": False}},
 }
 
+
+# --study selection: does KD³'s dynamic selection help on web data, and which part of it? Every row is
+# faithful KD³ with the released head wiring and epoch_size: pool, so a selection that keeps fewer
+# images still trains the same number of steps (the images seen are held equal). "oracle" trains
+# without selection on the pool minus the images the demo world knows are junk: the best a
+# selection that only drops junk could do.
+STUDY_BASE = {"epoch_size": "pool", "kd3": FAITHFUL["kd3"]}
+STUDIES: dict[str, dict[str, dict[str, Any]]] = {
+    "selection": {
+        "no selection": {"kd3": {"selection": False}},
+        "selection, α scaled (faithful)": {},
+        "selection, α released": {"kd3": {"alpha_schedule": "released"}},
+        "selection, α = 1 (the teacher decides)": {"kd3": {"alpha_schedule": "teacher"}},
+        "selection, fixed τ = 0.5": {"kd3": {"adaptive_thresholds": False, "tau": 0.5}},
+        "selection, fixed τ = 0.8": {"kd3": {"adaptive_thresholds": False, "tau": 0.8}},
+        "selection, fixed τ = 0.95": {"kd3": {"adaptive_thresholds": False, "tau": 0.95}},
+        "oracle: no selection, true junk removed": {"kd3": {"selection": False}, "_oracle": True},
+    }
+}
 
 # --world: overrides of params.yaml's world section ("demo" is the file as shipped)
 WORLDS: dict[str, dict[str, Any]] = {
@@ -166,6 +191,24 @@ def original_pool(work: Path, n: int | None, teacher_dir: str, device: torch.dev
     return str(clean), str(label)
 
 
+def oracle_pool(work: Path, clean_dir: str, label_dir: str, teacher_dir: str, truth: str) -> tuple[str, str]:
+    """The clean/label pair without the images the world's truth calls junk (demo only: an oracle)."""
+    out_clean, out_label = work / "oracle_clean", work / "oracle_label"
+    if (out_label / "logits.npy").is_file():
+        return str(out_clean), str(out_label)
+    record = TeacherRecord.load(teacher_dir)
+    clean = CleanSet.load(clean_dir)
+    labels = PseudoLabels.load(label_dir, clean, record)
+    keep = np.flatnonzero(WorldTruth.load(truth).labels(clean.keys, record.classes) >= 0)
+    out_clean.mkdir(parents=True, exist_ok=True)
+    np.save(out_clean / "images.npy", np.asarray(clean.images[keep]))
+    kept = [dataclasses.asdict(clean.kept[i]) for i in keep]
+    CleanSet.save_index(out_clean, kept, {"kept": len(kept), "oracle_of": clean_dir}, record.classes)
+    report = {"teacher_sha256": record.sha256, "images_fingerprint": CleanSet.load(out_clean).fingerprint}
+    PseudoLabels.save(out_label, labels.logits[keep], report)
+    return str(out_clean), str(out_label)
+
+
 def train_one(raw: dict[str, Any], threads: int) -> tuple[Path, float]:
     """One distill run in a worker process; seconds, or -1 when its exported student already existed."""
     torch.set_num_threads(threads)
@@ -205,6 +248,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (each with cores/jobs threads)")
     ap.add_argument("--world", choices=list(WORLDS), default="demo", help="the web pool every row trains on")
+    ap.add_argument("--study", choices=list(STUDIES), default=None, help="a study's rows instead of the table's")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     epochs = args.epochs
@@ -251,12 +295,20 @@ def main() -> None:
         "test": [accuracy(teacher, *test, size, chans)],
         "seconds": [0.0],
     }
-    names = [n for n in VARIANTS if not args.variants or any(v in n for v in args.variants)]
+    variants = VARIANTS
+    if args.study:
+        variants = {name: merge(STUDY_BASE, over) for name, over in STUDIES[args.study].items()}
+    names = [n for n in variants if not args.variants or any(v in n for v in args.variants)]
     t_all = time.time()
     tasks = []
     for name in names:
-        over = dict(VARIANTS[name])
+        over = dict(variants[name])
         cfg_raw = merge(base, {k: v for k, v in over.items() if not k.startswith("_")})
+        if over.get("_oracle"):
+            if not base.get("truth"):
+                sys.exit("the oracle row needs the world's truth (distill.truth in the params file)")
+            clean, label = oracle_pool(work, base["clean_dir"], base["label_dir"], base["teacher_dir"], base["truth"])
+            cfg_raw = merge(cfg_raw, {"clean_dir": clean, "label_dir": label})
         if over.get("_original"):
             teacher_dir = cfg_raw.get("teacher_dir", "data/teacher")
             clean, label = original_pool(work, pool_n if args.quick else None, teacher_dir, device)
@@ -318,8 +370,9 @@ def main() -> None:
         )
     text = "\n\n".join(part for part in ("\n".join(lines), "\n".join(summary), settings) if part)
     out = args.out or default_out(__file__, keep=not args.variants, device=device.type)
-    if args.world != "demo" and not args.out:
-        out = out.with_name(out.name.replace("accuracy", f"accuracy-{args.world}", 1))
+    for tag in ([args.world] if args.world != "demo" else []) + ([args.study] if args.study else []):
+        if not args.out:
+            out = out.with_name(out.name.replace("accuracy", f"accuracy-{tag}", 1))
     title = "the demo world" if args.world == "demo" else f"the {args.world}-transfer world"
     report(out, f"Student accuracy on {title}", text, str(device))
 
