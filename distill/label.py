@@ -63,7 +63,7 @@ STARVED_RATIO = 0.2  # a class predicted for under a fifth of the share its quer
 
 TRANSFER_KAPPA = 0.6  # the teacher's estimated accuracy this far from chance to its best: it transfers
 NO_TRANSFER_KAPPA = 0.2  # below this: it does not transfer ("slight", as MIN_KAPPA)
-UNRELIABLE_ACCURACY = 0.5  # a class the teacher is estimated to get right less often than this: unreliable
+UNRELIABLE_ACCURACY = 0.5  # the teacher's recall or the precision of its calls of a class below this: unreliable
 
 
 def transfer_diagnostics(
@@ -96,7 +96,7 @@ def transfer_diagnostics(
     chance = float((np.bincount(pred[known], minlength=k) / max(int(known.sum()), 1) * query_share).sum())
     kappa = (agree - chance) / (1 - chance) if chance < 1 else 0.0
     model = fit_annotators(pred, conf, queries, k) if annotators is None else annotators
-    teacher_acc, query_acc = model.teacher_accuracy(), model.query_accuracy()
+    teacher_acc, query_acc, precision = model.teacher_accuracy(), model.query_accuracy(), model.teacher_call_precision()
     junk = model.junk_posterior(pred, conf, queries)
     junk_crawled = np.bincount(queries[known], weights=junk[known], minlength=k) / np.maximum(query_count, 1)
     per_class = []
@@ -110,6 +110,7 @@ def transfer_diagnostics(
                 "agreement": round(float((pred[mine] == c).mean()), 4) if mine.any() else None,
                 "confidence": round(float(conf[pred == c].mean()), 4) if (pred == c).any() else None,
                 "teacher_accuracy_est": round(float(teacher_acc[c]), 4),  # P(teacher calls c | an image of c)
+                "teacher_precision_est": round(float(precision[c]), 4),  # P(an image of c | teacher calls c)
                 "query_accuracy_est": round(float(query_acc[c]), 4),  # P(crawled for c | an image of c)
                 "junk_share_est": round(float(junk_crawled[c]), 4) if mine.any() else None,  # of those crawled for c
             }
@@ -167,7 +168,9 @@ def _annotator_summary(model: Annotators, pred_share: np.ndarray, classes: list[
     """The annotator model's overall estimates (class-prior weighted), for the report."""
     teacher = float(model.prior @ model.teacher_accuracy())
     chance = float(model.prior @ pred_share)  # a teacher that calls classes at its rates, blind to the image
-    unreliable = [c for c, a in zip(classes, model.teacher_accuracy(), strict=True) if a < UNRELIABLE_ACCURACY]
+    # unreliable: the teacher misses the class, or its calls of it are often other classes (a collapse)
+    worst = np.minimum(model.teacher_accuracy(), model.teacher_call_precision())
+    unreliable = [c for c, a in zip(classes, worst, strict=True) if a < UNRELIABLE_ACCURACY]
     return {
         "teacher_accuracy": round(teacher, 4),
         "teacher_chance": round(chance, 4),
@@ -208,7 +211,7 @@ def _regime(summary: dict[str, Any], kappa: float | None, classes: list[str]) ->
             ),
         }
     names = ", ".join(map(repr, unreliable[:6])) + (" …" if len(unreliable) > 6 else "")
-    where = f", and under {UNRELIABLE_ACCURACY:.0%} on {len(unreliable)} of {len(classes)} classes ({names})"
+    where = f", and it is unreliable on {len(unreliable)} of {len(classes)} classes ({names})"
     return {
         "code": "partial",
         "message": (
@@ -326,14 +329,24 @@ class Annotators:
         joint = joint + (1 - self.teacher_knows)[None, :, None] * self.teacher_guess[:, None, :]  # (B, K, K)
         return joint / joint.sum(2, keepdims=True)
 
+    def _calls(self) -> tuple[np.ndarray, np.ndarray]:
+        """(B, K) P(a, b, y = a) and P(a, b): the teacher's calls of class a in bin b, right and all."""
+        know = self.teacher_knows[None] * self.knows_bins[:, None]  # (B, K) τ_a κ_b
+        right = self.prior[None] * (know + (1 - self.teacher_knows)[None] * self.teacher_guess)
+        guessing = float((self.prior * (1 - self.teacher_knows)).sum())
+        return right, self.teacher_guess * guessing + self.prior[None] * know
+
     def teacher_precision(self) -> np.ndarray:
         """(B, K) P(y = a | a, b) from the teacher's labels alone: how often a call of class a in
         confidence bin b is right."""
-        know = self.teacher_knows[None] * self.knows_bins[:, None]  # (B, K) τ_a κ_b
-        right = self.prior[None] * (know + (1 - self.teacher_knows)[None] * self.teacher_guess)
-        return right / (
-            self.teacher_guess * float((self.prior * (1 - self.teacher_knows)).sum()) + self.prior[None] * know
-        )
+        right, calls = self._calls()
+        return right / calls
+
+    def teacher_call_precision(self) -> np.ndarray:
+        """(K,) P(y = a | a): how often the teacher's call of each class is right, at any confidence
+        (low for the class a collapsed teacher calls everything)."""
+        right, calls = self._calls()
+        return right.sum(0) / calls.sum(0)
 
     def query_accuracy(self) -> np.ndarray:
         """(K,) P(q = y | y)."""

@@ -138,6 +138,7 @@ def _table(report: dict[str, Any]) -> str:
             "agrees with query",
             "confidence",
             "teacher right (est.)",
+            "its calls right (est.)",
             "query right (est.)",
             *(["accuracy (demo)"] if accuracy else []),
         ]
@@ -150,6 +151,7 @@ def _table(report: dict[str, Any]) -> str:
             "-" if c["agreement"] is None else f"{c['agreement']:.1%}",
             "-" if c["confidence"] is None else f"{c['confidence']:.2f}",
             f"{c['teacher_accuracy_est']:.0%}",
+            f"{c['teacher_precision_est']:.0%}",
             f"{c['query_accuracy_est']:.0%}",
         ]
         if accuracy:

@@ -89,5 +89,7 @@ def test_per_class_estimates_find_the_classes_the_teacher_gets_wrong() -> None:
     teacher = {c["class"]: c["teacher_accuracy_est"] for c in d["per_class"]}
     assert teacher["cat"] > 0.7 and teacher["dog"] > 0.7 and teacher["bird"] < 0.2 and teacher["fish"] < 0.2
     assert all(c["query_accuracy_est"] > 0.7 for c in d["per_class"])
-    assert d["annotators"]["unreliable_classes"] == ["bird", "fish"] and d["annotators"]["converged"]
+    precision = {c["class"]: c["teacher_precision_est"] for c in d["per_class"]}
+    assert precision["dog"] > 0.8 and precision["cat"] < 0.5  # every bird and fish is called a cat
+    assert d["annotators"]["unreliable_classes"] == ["cat", "bird", "fish"] and d["annotators"]["converged"]
     assert all(0 <= c["junk_share_est"] <= 1 for c in d["per_class"])
