@@ -63,6 +63,7 @@ STARVED_RATIO = 0.2  # a class predicted for under a fifth of the share its quer
 
 TRANSFER_KAPPA = 0.6  # the teacher's estimated accuracy this far from chance to its best: it transfers
 NO_TRANSFER_KAPPA = 0.2  # below this: it does not transfer ("slight", as MIN_KAPPA)
+INDEPENDENT_KAPPA = 0.1  # teacher-query agreement this near chance: whose accuracy is whose cannot be told
 UNRELIABLE_ACCURACY = 0.5  # the teacher's recall or the precision of its calls of a class below this: unreliable
 
 
@@ -187,7 +188,7 @@ def _regime(summary: dict[str, Any], kappa: float | None, classes: list[str]) ->
     """Does the teacher transfer, in part, or not at all, and what to do about it."""
     t, q, chance = summary["teacher_accuracy"], summary["query_accuracy"], summary["teacher_chance"]
     unreliable = summary["unreliable_classes"]
-    if summary["teacher_kappa"] < NO_TRANSFER_KAPPA or (kappa is not None and kappa < MIN_KAPPA):
+    if summary["teacher_kappa"] < NO_TRANSFER_KAPPA or (kappa is not None and kappa < INDEPENDENT_KAPPA):
         why = (
             f"the annotator model puts its accuracy on the web pool at {t:.0%}, {chance:.0%} by chance"
             if summary["teacher_kappa"] < NO_TRANSFER_KAPPA
