@@ -282,14 +282,31 @@ def teacher_view(cfg: dict[str, Any]) -> str:
             ("median confidence", rep.get("confidence_quantiles", {}).get("50")),
         ]
     )
+    regime = tr.get("regime")
+    if regime:  # the annotator model's verdict: does the teacher transfer to these images?
+        out += f'<div class="warn"><b>regime: {esc(regime.get("code"))}</b>. {esc(regime.get("message"))}</div>'
     out += "".join(
         f'<div class="warn"><b>{esc(w.get("code"))}</b>: {esc(w.get("message"))}</div>' for w in tr.get("warnings", [])
     )
     per = tr.get("per_class", [])
     if per:
         total = max(sum(p.get("crawled") or 0 for p in per), 1)
+        estimates = [
+            ("teacher_accuracy_est", "teacher right (est.)"),
+            ("query_accuracy_est", "query right (est.)"),
+            ("junk_share_est", "junk among crawled (est.)"),
+        ]
+        shown = [(k, h) for k, h in estimates if any(k in p for p in per)]
         out += table(
-            ["class", "crawled", "crawled share", "teacher's share", "teacher agrees with query", "mean confidence"],
+            [
+                "class",
+                "crawled",
+                "crawled share",
+                "teacher's share",
+                "teacher agrees with query",
+                "mean confidence",
+                *(h for _, h in shown),
+            ],
             [
                 [
                     p["class"],
@@ -298,10 +315,16 @@ def teacher_view(cfg: dict[str, Any]) -> str:
                     p.get("teacher_share"),
                     p.get("agreement"),
                     p.get("confidence"),
+                    *(p.get(k) for k, _ in shown),
                 ]
                 for p in per
             ],
         )
+        if shown:
+            out += (
+                '<p class="sub">est.: the annotator model fitted on the pool, which treats the teacher and the '
+                "crawl query as two noisy labels of each image (docs/method.md).</p>"
+            )
         fig, ax = subplots(7.5, 3.2)
         x = np.arange(len(per))
         ax.bar(x - 0.2, [(p.get("crawled") or 0) / total for p in per], 0.4, label="crawled for the class")
