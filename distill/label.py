@@ -59,8 +59,7 @@ def confusion(truth: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarr
 COLLAPSE_SHARE = 0.5  # one class predicted for more than this, and twice its crawled share, of the pool: collapse
 MIN_KAPPA = 0.2  # teacher-query agreement below this Cohen's kappa is "slight" (Landis & Koch 1977)
 STARVED_RATIO = 0.2  # a class predicted for under a fifth of the share its queries crawled: starved
-
-
+# the regime, from the annotator model's estimates
 TRANSFER_KAPPA = 0.6  # the teacher's estimated accuracy this far from chance to its best: it transfers
 NO_TRANSFER_KAPPA = 0.2  # below this: it does not transfer ("slight", as MIN_KAPPA)
 INDEPENDENT_KAPPA = 0.1  # teacher-query agreement this near chance: whose accuracy is whose cannot be told
@@ -246,6 +245,7 @@ def _regime(summary: dict[str, Any], kappa: float | None, classes: list[str]) ->
 
 QUERY_ACCURACY_START = 0.7  # the start, and the belief where the pool cannot tell: the query right 70% of the time
 PRIOR_IMAGES = 1.0  # weight, in images per class, of the Beta/Dirichlet priors centred on the start
+CLASS_BALANCE = 1.0  # weight, as a share of the pool, of the class prior's Dirichlet centred on the crawl's shares
 TEACHER_BINS = 4  # confidence bins: quantiles of the pool's top softmax probability
 BALANCE_ITERS = 30  # fixed-point steps that match the start's class totals to the crawl's
 EM_MAX_ITER = 500
@@ -505,11 +505,12 @@ def _statistics(p: _Params, o: _Observations, e: _Posterior) -> dict[str, np.nda
     }
 
 
-def _m_step(stats: dict[str, np.ndarray], start: _Params, s: float) -> _Params:
-    """MAP update: counts plus the priors' pseudo-counts, ``s`` images per class centred on the start."""
+def _m_step(stats: dict[str, np.ndarray], start: _Params, s: float, share: np.ndarray, balance: float) -> _Params:
+    """MAP update: counts plus the priors' pseudo-counts, ``s`` images per class centred on the start,
+    and ``balance`` images on the class prior centred on the crawl's class shares ``share``."""
     k, nb = len(start.prior), len(start.kappa)
     return _Params(
-        prior=_normalised(stats["images"], s * k * start.prior),
+        prior=_normalised(stats["images"], s * k * start.prior + balance * share),
         rho=(stats["query_knew"] + s * start.rho) / (stats["with_query"] + s),
         mu=_normalised(stats["query_guessed"], s * k * start.mu),
         tau=(stats["teacher_knew"] + s * start.tau) / (stats["images"] + s),
@@ -518,17 +519,17 @@ def _m_step(stats: dict[str, np.ndarray], start: _Params, s: float) -> _Params:
     )
 
 
-def _log_prior(p: _Params, start: _Params, s: float) -> float:
+def _log_prior(p: _Params, start: _Params, s: float, share: np.ndarray, balance: float) -> float:
     """log of the priors ``_m_step`` maximises (Beta/Dirichlet with the start as mean), up to a constant."""
     k, nb = len(p.prior), len(p.kappa)
-    out = s * k * (start.prior @ np.log(p.prior)) + s * k * (start.mu @ np.log(p.mu))
+    out = (s * k * start.prior + balance * share) @ np.log(p.prior) + s * k * (start.mu @ np.log(p.mu))
     out += s * nb * (start.kappa @ np.log(p.kappa)) + s * nb * k * float((start.nu * np.log(p.nu)).sum())
     for x, x0 in ((p.rho, start.rho), (p.tau, start.tau)):
         out += s * float((x0 * np.log(x) + (1 - x0) * np.log1p(-x)).sum())
     return float(out)
 
 
-def _start(o: _Observations, queries: np.ndarray, k: int, nb: int, query_accuracy: float) -> _Params:
+def _start(o: _Observations, share: np.ndarray, k: int, nb: int, query_accuracy: float) -> _Params:
     """Where the EM starts, and what the priors hold to where the pool cannot tell: the query right
     ``query_accuracy`` of the time with uniform wrong hits; the teacher knowing as often as its
     confidence says (its unsure mass is its guessing); and a class prior chosen so that the start's
@@ -537,7 +538,6 @@ def _start(o: _Observations, queries: np.ndarray, k: int, nb: int, query_accurac
     of the pool one class starts out (and stays) outvoted by the queries."""
     total = max(float(o.w.sum()), 1.0)
     knows = float((o.w * o.conf).sum()) / total if len(o.w) else 0.5
-    share = _normalised(np.bincount(queries[queries >= 0], minlength=k).astype(np.float64), 1.0 / k)
     unsure = np.bincount(o.b * k + o.a, weights=o.w * (1 - o.conf), minlength=nb * k)
     p = _Params(
         prior=share,
@@ -562,6 +562,7 @@ def fit_annotators(
     bins: int = TEACHER_BINS,
     query_accuracy: float = QUERY_ACCURACY_START,
     prior_images: float = PRIOR_IMAGES,
+    class_balance: float = CLASS_BALANCE,
     max_iter: int = EM_MAX_ITER,
     tol: float = EM_TOL,
 ) -> Annotators:
@@ -571,8 +572,11 @@ def fit_annotators(
     ``pred``, ``conf``: the teacher's call and top softmax probability per image (``teacher_calls``);
     ``queries``: the crawled-for class, -1 when unknown. Every parameter has a Beta/Dirichlet prior
     of ``prior_images`` images per class centred on the start, so no cell is ever 0 and the estimates
-    stay at the start only in directions the pool cannot inform. Stops after ``max_iter`` iterations
-    or when one gains under ``tol`` nats per image.
+    stay at the start only in directions the pool cannot inform. The class prior's also weighs
+    ``class_balance`` times the pool's images, centred on the crawl's class shares: a crawl asks for
+    the same number of images per class, and without it the EM explains a teacher that calls most of
+    the pool one class as a pool that mostly is that class. Stops after ``max_iter`` iterations or
+    when one gains under ``tol`` nats per image.
     """
     k = num_classes
     pred = np.asarray(pred, dtype=np.int64)
@@ -584,16 +588,18 @@ def fit_annotators(
         raise ValueError(f"fit_annotators: a call or query outside the {k} classes")
     edges = np.quantile(conf, np.arange(1, bins) / bins) if len(conf) else np.linspace(0, 1, bins + 1)[1:-1]
     o = _observations(pred, conf, queries, k, edges)
-    start = _start(o, queries, k, bins, query_accuracy)
+    share = _normalised(np.bincount(queries[queries >= 0], minlength=k).astype(np.float64), 1.0 / k)
+    start = _start(o, share, k, bins, query_accuracy)
+    balance = class_balance * float(o.w.sum())  # in images
     p, objective, converged = start, [], False
     per_image = tol * max(float(o.w.sum()), 1.0)
     for _ in range(max_iter):
         e = _e_step(p, o)
-        objective.append(float(o.w @ np.log(e.z)) + _log_prior(p, start, prior_images))
+        objective.append(float(o.w @ np.log(e.z)) + _log_prior(p, start, prior_images, share, balance))
         if len(objective) > 1 and objective[-1] - objective[-2] < per_image:
             converged = True
             break
-        p = _m_step(_statistics(p, o, e), start, prior_images)
+        p = _m_step(_statistics(p, o, e), start, prior_images, share, balance)
     return Annotators(
         prior=p.prior,
         query_knows=p.rho,
