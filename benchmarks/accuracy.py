@@ -14,6 +14,9 @@ the validation split (Fashion-MNIST test[0:2000]); the table reports the rest (t
   query's prior (ours), to show how much of the default's gain that signal alone brings.
 - ``KD³ −X``: the faithful KD³ with one component off.
 - ``CE on crawl query``: no teacher: the student learns the crawl query (the webly supervised bar).
+- ``+ annotators``: the KD target (and selection score) from the two-annotator model of teacher and
+  query fitted on the pool (``label_model: annotators``) instead of the fixed prior.
+- ``+ EMA``: the shipped student is the moving average of its weights (``ema_decay``).
 
 Worlds (``--world``): ``demo`` is the pool ``make demo`` crawls; ``large`` the same kind of web with
 1,000 images per class instead of 300. ``partial`` is a second web of the
@@ -100,6 +103,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "DFND (web)": {"method": "dfnd"},
     "KD³ faithful (web)": {"method": "kd3", "kd3": FAITHFUL["kd3"]},
     "KD³ default (web)": {},
+    "KD + annotators (web, ours)": {"method": "kd", "kd": {"query_prior": 0.0, "label_model": "annotators"}},
+    "KD³ default + annotators (web, ours)": {"kd3": {"label_model": "annotators"}},
+    "KD³ default + EMA 0.99 (web, ours)": {"ema_decay": 0.99},
     "KD³ −selection": {"method": "kd3", "kd3": {**FAITHFUL["kd3"], "selection": False}},
     "KD³ −shared classifier": {"method": "kd3", "kd3": {**FAITHFUL["kd3"], "shared_classifier": False}},
     "KD³ −feature weighting": {"method": "kd3", "kd3": {**FAITHFUL["kd3"], "feature_weighting": False}},
