@@ -299,8 +299,6 @@ class Annotators:
     knows_bins: np.ndarray  # (B,) κ
     teacher_guess: np.ndarray  # (B, K) ν
     bin_edges: np.ndarray  # (B-1,) a call of confidence c is in bin searchsorted(edges, c, "right")
-    query_weight: float = 1.0  # γ: the query's evidence enters as P(q | y)^γ (T for the fixed prior)
-    trust_calls: bool = True  # the KD target keeps the teacher's own output as far as its call is right
     weigh_junk: bool = True  # down-weight each image by 1 − P(junk | its labels) (off: the fixed prior)
     iterations: int = 0
     converged: bool = True
@@ -369,7 +367,7 @@ class Annotators:
         rows = np.arange(len(pred))
         fq = (1 - self.query_knows)[None] * self.query_guess[qc][:, None]  # (N, K) P(q | y)
         fq[rows, qc] += self.query_knows[qc]
-        fq = np.where(known[:, None], fq, 1.0) ** self.query_weight
+        fq = np.where(known[:, None], fq, 1.0)
         guess = self.teacher_guess[b, pred]  # (N,)
         ft = (1 - self.teacher_knows)[None] * guess[:, None]  # (N, K) P(a, b | y)
         ft[rows, pred] += self.teacher_knows[pred] * self.knows_bins[b]
@@ -393,12 +391,10 @@ class Annotators:
         return _e_step(params, o).junk[o.inverse]
 
     @classmethod
-    def fixed(cls, num_classes: int, rho: float, temperature: float = 1.0, bins: int = 1) -> Annotators:
-        """The fixed query prior ρ at KD temperature T (``losses.query_log_prior``) as this model:
-        every class's query accuracy is ρ, its wrong hits are uniform, the teacher's call carries no
-        evidence (it never "knows") and is not trusted over the prior, no image is down-weighted,
-        and the query's evidence counts T times (γ = T): the fixed prior multiplies the *softened*
-        teacher, softmax(o_T/T) · π, which is (softmax(o_T) · π^T)^(1/T).
+    def fixed(cls, num_classes: int, rho: float, bins: int = 1) -> Annotators:
+        """The fixed query prior ρ (``losses.query_log_prior``) as this model: uniform classes, every
+        class's query accuracy ρ with uniform wrong hits, a teacher whose call carries no evidence (it
+        never "knows"), and no image down-weighted. Its posterior P(y | q, a, b) is then π_ρ(y | q).
 
         The query "knows" with r = (ρK − 1)/(K − 1), so P(q = y | y) = r + (1 − r)/K = ρ and, as a
         function of y, P(q | y) ∝ ρ at y = q and (1 − ρ)/(K − 1) elsewhere. Below ρ = 1/K, r is
@@ -413,8 +409,6 @@ class Annotators:
             knows_bins=np.full(bins, 1 / bins),
             teacher_guess=np.full((bins, k), 1 / (bins * k)),
             bin_edges=np.linspace(0, 1, bins + 1)[1:-1],
-            query_weight=temperature,
-            trust_calls=False,
             weigh_junk=False,
         )
 
@@ -615,29 +609,24 @@ def fit_annotators(
 
 
 class AnnotatorPrior(nn.Module):
-    """The annotator model on the device: per image of a batch, the log prior its KD target adds to
-    the teacher's logits, and its weight in the loss.
+    """The annotator model on the device: per image of a batch, the log prior its KD target and its
+    selection score add to the teacher's logits, and how clean it is.
 
-    With a, b the teacher's call and its confidence bin, P(y) = P(y | q, a, b) the posterior given
-    both labels, and w = P(y = a) the posterior probability that the call is the image's class, the
-    target is the posterior expectation over whether the call is right, formed on the teacher's own
-    probabilities p = softmax(o_T) and then softened by the KD temperature T:
+    ``forward(o_T, q)`` returns ``log_prior`` (B, K) = log P(y | q, a, b), the posterior given both
+    labels (a, b: the teacher's call and its confidence bin), and ``clean`` (B,) = 1 − P(junk | q, a, b)
+    (1 for the fixed prior). The KD target is
 
-        P₁ = w · p + P(y) [y ≠ a]
-        target = softmax((log P₁)/T) = softmax(o_T/T + log_prior),  log_prior = log(P₁/p) / T
+        softmax(o_T/T + log P(y | q, a, b))
 
-    If the call is right, P₁ is the teacher's output and the target plain KD, dark knowledge intact;
-    if it is wrong (a collapsed class, a class it confuses), the class is another one, weighed by
-    the posterior, in which the query counts as far as the EM found it reliable (the teacher's
-    second choices are not used there: the EM calibrates its calls, not the rest of its output).
-    Softening after the mixing keeps the mixture's decision; mixed after softmax(o_T/4), the flat
-    teacher term would let any sharp term outvote it, which is what the fixed prior does. Selection
-    adds ``log_prior`` at T = 1 to the teacher's and the student's logits. ``clean`` (B,) is
-    1 − P(junk | q, a, b) (1 for the fixed prior): selection multiplies its confidence by it, and
-    the KD loss weighs each image by it over its pool mean, ``clean_share`` (``LabelPrior``).
-    Every step is a gather or a ``where`` on the device: nothing is read back to the host. For
-    ``Annotators.fixed(K, ρ, T)`` w is 0 and the teacher's factor constant, so the target is exactly
-    ``softmax(o_T/T + query_log_prior(q, K, ρ))``.
+    the teacher's softened output (its dark knowledge) times the posterior, which decides the class
+    at full strength, as a hard label would: it follows the teacher's call where the EM found such
+    calls right and lets the query decide where the teacher collapses or confuses a class. Among the
+    other classes the posterior is the same both-guess background times the class prior, so their
+    mass keeps the teacher's ratios. Selection adds the same prior to the teacher's and the
+    student's logits and multiplies each confidence by ``clean``; the KD loss weighs each image by
+    ``clean`` over its pool mean (``LabelPrior``). Every step is a gather or a ``where`` on the
+    device: nothing is read back to the host. For ``Annotators.fixed(K, ρ)`` the posterior is
+    π_ρ(y | q), so the target is exactly ``softmax(o_T/T + query_log_prior(q, K, ρ))``.
     """
 
     log_class_prior: torch.Tensor
@@ -653,7 +642,7 @@ class AnnotatorPrior(nn.Module):
     def __init__(self, model: Annotators) -> None:
         super().__init__()
         self.model = model
-        self.trust_calls, self.weigh_junk, self.query_weight = model.trust_calls, model.weigh_junk, model.query_weight
+        self.weigh_junk = model.weigh_junk
         tables = {
             "log_class_prior": np.log(model.prior),
             "query_knows": model.query_knows,
@@ -669,11 +658,8 @@ class AnnotatorPrior(nn.Module):
             # not in the state dict: a resumed run refits them from the same rows
             self.register_buffer(name, torch.as_tensor(np.asarray(value), dtype=torch.float32), persistent=False)
 
-    def forward(
-        self, teacher_logits: torch.Tensor, queries: torch.Tensor, temperature: float = 1.0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        t = teacher_logits.float()  # (B, K)
-        conf, call = torch.softmax(t, dim=1).max(dim=1)  # (B,) the teacher's labels, at T = 1 as fitted
+    def forward(self, teacher_logits: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        conf, call = torch.softmax(teacher_logits.float(), dim=1).max(dim=1)  # (B,) the teacher's labels
         b = torch.bucketize(conf, self.bin_edges, right=True)  # as np.searchsorted(..., "right")
         guessed = self.teacher_guess[b, call]  # (B,)
         ft = (1 - self.teacher_knows)[None] * guessed[:, None]  # (B, K) P(a, b | y)
@@ -683,23 +669,13 @@ class AnnotatorPrior(nn.Module):
         fq = (1 - self.query_knows)[None] * self.query_guess[qc][:, None]  # (B, K) P(q | y)
         fq = fq.scatter_add(1, qc[:, None], self.query_knows[qc][:, None])
         fq = torch.where(known[:, None], fq, torch.ones_like(fq))
-        log_joint = self.log_class_prior[None] + self.query_weight * torch.log(fq) + torch.log(ft)  # log P(y, q, a, b)
-        log_obs = torch.logsumexp(log_joint, dim=1, keepdim=True)  # (B, 1) log P(q, a, b)
-        log_post = log_joint - log_obs  # (B, K) log P(y | q, a, b)
-        log_soft = torch.log_softmax(t, dim=1)  # the teacher's own probabilities
-        if not self.trust_calls:  # the fixed prior: the posterior whatever the call
-            log_prior = log_post - torch.logsumexp(log_soft + log_post, dim=1, keepdim=True)
-        else:
-            # w never 0: a target entry of exactly 0 makes the KL's 0 · log 0 a NaN
-            w = log_post.gather(1, call[:, None]).exp().clamp(1e-6, 1.0)  # (B, 1) P(y = a | q, a, b)
-            is_call = torch.zeros_like(log_post, dtype=torch.bool).scatter_(1, call[:, None], True)
-            wrong = log_post.masked_fill(is_call, float("-inf"))  # the call is wrong: P(y), y ≠ a
-            log_prior = torch.logaddexp(torch.log(w) + log_soft, wrong) - log_soft  # log(P₁ / p)
-        keep = torch.ones_like(conf)
+        log_joint = self.log_class_prior[None] + torch.log(fq) + torch.log(ft)  # (B, K) log P(y, q, a, b)
+        log_obs = torch.logsumexp(log_joint, dim=1)  # (B,) log P(q, a, b)
+        clean = torch.ones_like(conf)
         if self.weigh_junk:
-            junk = torch.where(known, self.query_guess[qc], keep) * guessed * self.junk_mass
-            keep = (1 - torch.exp(torch.log(junk) - log_obs[:, 0])).clamp(0.0, 1.0)
-        return log_prior / temperature, keep
+            junk = torch.where(known, self.query_guess[qc], clean) * guessed * self.junk_mass
+            clean = (1 - torch.exp(torch.log(junk) - log_obs)).clamp(0.0, 1.0)
+        return log_joint - log_obs[:, None], clean
 
     def describe(self) -> str:
         """The fit in one line, for the methods' ``describe``."""
@@ -742,7 +718,7 @@ class LabelPrior(nn.Module):
         return self.annotators
 
     def kd(
-        self, teacher_logits: torch.Tensor, queries: torch.Tensor | None, temperature: float
+        self, teacher_logits: torch.Tensor, queries: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(log prior (B, K) for ``kd_logit``, per-image weight (B,)), each None when unused. The weight is
         1 − P(junk) over its pool mean: junk counts less, and the KD term keeps its scale."""
@@ -751,7 +727,7 @@ class LabelPrior(nn.Module):
         if self.label_model == "fixed":
             return (query_log_prior(queries, teacher_logits.shape[1], self.rho), None) if self.rho else (None, None)
         model = self._annotators()
-        log_prior, clean = model(teacher_logits, queries, temperature)
+        log_prior, clean = model(teacher_logits, queries)
         return log_prior, clean / model.clean_share
 
     def selection(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -139,11 +138,11 @@ def test_junk_gets_a_higher_junk_posterior_and_a_lower_kd_weight() -> None:
     junk = fit.posterior(pool["a"], pool["conf"], pool["q"])[:, k]
     assert junk[pool["junk"]].mean() > junk[~pool["junk"]].mean() + 0.1
     logits, queries = torch.from_numpy(logits_for(pool["a"], pool["conf"], k)), torch.from_numpy(pool["q"])
-    _, clean = AnnotatorPrior(fit)(logits, queries, 4.0)
+    _, clean = AnnotatorPrior(fit)(logits, queries)
     assert torch.allclose(clean, torch.from_numpy(1 - junk).float(), atol=1e-4)  # device and NumPy agree
     prior = LabelPrior("annotators", 0.0)
     prior.fit(logits, queries)  # what Method.prepare does
-    _, weight = prior.kd(logits, queries, 4.0)
+    _, weight = prior.kd(logits, queries)
     assert weight is not None and abs(weight.mean() - 1) < 0.05  # relative weights: the KD term keeps its scale
     is_junk = torch.from_numpy(pool["junk"])
     assert weight[is_junk].mean() < weight[~is_junk].mean() - 0.1
@@ -156,7 +155,7 @@ def test_the_fixed_query_prior_is_an_exact_special_case(rho: float) -> None:
     t_logits = torch.randn(64, k, generator=g) * 3
     s_logits = torch.randn(64, k, generator=g)
     queries = torch.randint(-1, k, (64,), generator=g)  # -1: found by several classes' queries
-    log_prior, keep = AnnotatorPrior(Annotators.fixed(k, rho, 4.0))(t_logits, queries, 4.0)
+    log_prior, keep = AnnotatorPrior(Annotators.fixed(k, rho))(t_logits, queries)
     ours = torch.softmax(t_logits / 4 + log_prior, dim=1)
     fixed = torch.softmax(t_logits / 4 + query_log_prior(queries, k, rho), dim=1)
     assert (ours - fixed).abs().max() < 1e-6 and torch.equal(keep, torch.ones(64))
@@ -165,28 +164,30 @@ def test_the_fixed_query_prior_is_an_exact_special_case(rho: float) -> None:
     assert np.allclose(Annotators.fixed(k, rho).query_accuracy(), rho)
 
 
-def test_the_kd_target_keeps_a_right_teachers_soft_output_and_lets_the_query_decide_elsewhere() -> None:
+def test_the_kd_target_follows_a_reliable_teacher_keeps_its_shape_and_lets_the_query_decide_elsewhere() -> None:
     """Classes 1 and 2: the teacher knows them. Class 3: it never does, and its guesses go to class
-    0 (a partial collapse). Where the teacher's call is right the target is its own soft output (the
-    dark knowledge, untouched by the query); on a class-0 call the query decides."""
+    0 (a partial collapse). A reliable call outvotes the query; on a class-0 call the query decides;
+    among the other classes the target keeps the teacher's softened ratios."""
     k = 4
     tau = np.array([0.9, 0.9, 0.9, 0.0])
     collapsed = np.array([0.94, 0.02, 0.02, 0.02])
     pool = annotated_pool(20_000, k, np.full(k, 0.85), tau, seed=4, teacher_guess=collapsed, conf_guess=(6, 3))
     fit = fit_annotators(pool["a"], pool["conf"], pool["q"], k)
-    t = torch.tensor([[0.0, 5.0, 1.0, 2.0], [0.0, 5.0, 1.0, 2.0], [5.0, 0.0, 1.0, 2.0]])  # calls 1, 1 and 0
-    q = torch.tensor([1, 2, 3])  # crawled for: the call's class, another, another
-    log_prior, keep = AnnotatorPrior(fit)(t, q, 4.0)
+    t = torch.tensor([[0.0, 5.0, 1.0, 2.0], [5.0, 0.0, 1.0, 2.0]])  # confident calls of class 1 and class 0
+    q = torch.tensor([2, 3])  # each crawled for another class
+    log_prior, clean = AnnotatorPrior(fit)(t, q)
     target = torch.softmax(t / 4 + log_prior, dim=1)
-    soft = torch.softmax(t / 4, dim=1)
-    assert (target[0] - soft[0]).abs().max() < 0.02  # call and query agree: the teacher's output as it is
-    assert target[1].argmax() == 1 and target[1, 3] > target[1, 0]  # a right call outvotes the query, ranking kept
-    assert target[2].argmax() == 3  # a call of the collapsed class: the query decides
+    assert target[0].argmax() == 1 and target[1].argmax() == 3
     fixed = torch.softmax(t / 4 + query_log_prior(q, k, 0.7), dim=1)
-    assert fixed[1].argmax() == 2  # where the fixed prior lets the query outvote a right call at T = 4
+    assert fixed[0].argmax() == 2  # the fixed prior lets the query outvote the reliable call
+    # classes 0 and 3 of row 0 are neither the call nor the query: the teacher's ratio, times the EM's
+    # both-guess background for each class (its prior, and how often neither label knows it)
+    background = np.log(fit.prior * (1 - fit.query_knows) * (1 - fit.teacher_knows))
+    ratio = float(torch.log(target[0, 3] / target[0, 0]))
+    assert ratio == pytest.approx((2.0 - 0.0) / 4 + background[3] - background[0], abs=1e-4)
     precision = fit.teacher_precision()  # (bins, K): calls of class 0 are right less often at every confidence
     assert precision[:, 1].min() > 0.8 and bool((precision[:, 0] < precision[:, 1]).all())
-    assert bool((keep > 0.5).all())
+    assert bool((clean > 0.5).all())
 
 
 def test_the_device_posterior_equals_the_numpy_one() -> None:
@@ -198,8 +199,7 @@ def test_the_device_posterior_equals_the_numpy_one() -> None:
     logits = logits_for(pool["a"], pool["conf"], k)
     pred, conf = teacher_calls(logits)
     assert np.array_equal(pred, pool["a"]) and np.allclose(conf, pool["conf"], atol=1e-5)
-    untrusted = AnnotatorPrior(replace(fit, trust_calls=False))  # w = 0: the log posterior itself
-    log_prior, _ = untrusted(torch.from_numpy(logits), torch.from_numpy(pool["q"]))
+    log_prior, _ = AnnotatorPrior(fit)(torch.from_numpy(logits), torch.from_numpy(pool["q"]))
     assert np.abs(torch.softmax(log_prior, 1).numpy() - fit.posterior(pred, conf, pool["q"])[:, :k]).max() < 1e-4
 
 

@@ -61,6 +61,6 @@ class KDMethod(Method):
     ) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             t_logits = self.teacher(x01).float()
-        prior, weight = self.label_prior.kd(t_logits, queries, self.temperature)
+        prior, weight = self.label_prior.kd(t_logits, queries)
         kd = kd_logit(self.student(self.teacher.normalise(x01)).float(), t_logits, self.temperature, prior, weight)
         return {"loss": kd, "kd": kd}

@@ -324,5 +324,5 @@ class KD3Method(Method):
             mixed = {"embedding": self.student.embed(mix_distribution(x, generator))}
         prior, weight = None, None
         if self.loss_fn.kd_weight:  # the only term with a target to shape
-            prior, weight = self.label_prior.kd(t_logits.float(), queries, self.loss_fn.kd_temperature)
+            prior, weight = self.label_prior.kd(t_logits.float(), queries)
         return self.loss_fn(clean, mixed, t_map.float(), t_logits.float(), prior, weight)
