@@ -217,7 +217,8 @@ def _regime(summary: dict[str, Any], kappa: float | None, classes: list[str]) ->
         "message": (
             f"the teacher transfers in part: the annotator model puts its accuracy on the web pool at {t:.0%} "
             f"against the crawl query's {q:.0%}{where if unreliable else ''}. The query should dominate where the "
-            "teacher is unreliable: set distill.kd3.label_model (or distill.kd.label_model) to annotators."
+            "teacher is unreliable: keep the crawl query as a prior (distill.kd3.query_prior), or set "
+            "distill.kd3.label_model (distill.kd.label_model) to annotators to let it dominate only there."
         ),
     }
 
