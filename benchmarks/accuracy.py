@@ -381,7 +381,9 @@ def main() -> None:
     for tag in ([args.world] if args.world != "demo" else []) + ([args.study] if args.study else []):
         if not args.out:
             out = out.with_name(out.name.replace("accuracy", f"accuracy-{tag}", 1))
-    title = "the demo world" if args.world == "demo" else f"the {args.world}-transfer world"
+    title = {"demo": "the demo world", "partial": "the partial-transfer world", "large": "the large-pool world"}[
+        args.world
+    ]
     report(out, f"Student accuracy on {title}", text, str(device))
 
 
