@@ -159,6 +159,14 @@ class KD3Student(nn.Module):
         return self.head(_pool(self._align(f)) if self.head_on == "projector" else _pool(f))
 
 
+def _confidence(
+    alpha: float, teacher_logits: torch.Tensor, student_logits: torch.Tensor, clean: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, ŷ): max and argmax of softmax(α·o_T + (1−α)·o_S), c scaled by P(not junk) when given."""
+    conf, pred = torch.softmax(alpha * teacher_logits + (1 - alpha) * student_logits, dim=1).max(1)
+    return (conf if clean is None else conf * clean), pred
+
+
 def _pool(f: torch.Tensor) -> torch.Tensor:
     return torch.flatten(F.adaptive_avg_pool2d(f, 1), 1)
 
@@ -276,9 +284,8 @@ class KD3Method(Method):
         teacher_logits, student_logits, clean = self._with_prior(teacher_logits, student_logits, queries)
         if self.adaptive_thresholds:
             return select_instances(teacher_logits, student_logits, alpha, self.tau, clean)
-        q = torch.softmax(alpha * teacher_logits + (1 - alpha) * student_logits, dim=1)
-        conf, pred = q.max(1)
-        return (conf if clean is None else conf * clean) > self.tau, pred
+        conf, pred = _confidence(alpha, teacher_logits, student_logits, clean)
+        return conf > self.tau, pred
 
     def selection_confidence(
         self,
@@ -291,10 +298,8 @@ class KD3Method(Method):
         """c = max softmax(α·o_T + (1−α)·o_S), the confidence the thresholds compare (with the prior when on)."""
         if not self.selection or student_logits is None:
             return super().selection_confidence(epoch, epochs, teacher_logits, student_logits, queries)
-        alpha = self.alpha(epoch, epochs)
         teacher_logits, student_logits, clean = self._with_prior(teacher_logits, student_logits, queries)
-        conf = torch.softmax(alpha * teacher_logits + (1 - alpha) * student_logits, dim=1).max(1).values
-        return conf if clean is None else conf * clean
+        return _confidence(self.alpha(epoch, epochs), teacher_logits, student_logits, clean)[0]
 
     def alpha(self, epoch: int, epochs: int) -> float:
         """The teacher's weight α in the selection's combined logits at the 0-based ``epoch``."""
