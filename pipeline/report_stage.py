@@ -489,8 +489,7 @@ def student(cfg: dict[str, Any]) -> str:
     return out
 
 
-def settings(cfg: dict[str, Any], params_path: Path) -> str:
-    raw = read_params(params_path)
+def settings(cfg: dict[str, Any], params_path: Path, raw: dict[str, Any]) -> str:
     rows = []
     for name, obj in cfg.items():
         given = _flatten(raw.get(name) or {})
@@ -530,7 +529,8 @@ def run(cfg: ReportConfig, params_path: str | Path = "params.yaml") -> Path:
     data = read_params(params_path)
     stage_cfg: dict[str, Any] = {name: _section(data, params_path, name, cls) for name, cls in SECTIONS.items()}
     body, nav, missing = [], [], 0
-    for key, title, fn in [*SECTIONS_IN_ORDER, ("settings", "7. Every setting", lambda c: settings(c, params_path))]:
+    every_setting = ("settings", "7. Every setting", lambda c: settings(c, params_path, data))
+    for key, title, fn in [*SECTIONS_IN_ORDER, every_setting]:
         try:
             content = fn(stage_cfg)
         except Missing as e:
