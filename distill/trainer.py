@@ -138,20 +138,11 @@ class WeightEMA:
     def __init__(self, module: nn.Module, decay: float) -> None:
         self.module = copy.deepcopy(module).eval().requires_grad_(False)
         self.decay, self.updates = decay, 0
-        self._pairs = [
-            (e, m)
-            for e, m in zip(self._tensors(self.module), self._tensors(module), strict=True)
-            if e.dtype.is_floating_point
-        ]
-        self._copies = [
-            (e, m)
-            for e, m in zip(self._tensors(self.module), self._tensors(module), strict=True)
-            if not e.dtype.is_floating_point
-        ]
-
-    @staticmethod
-    def _tensors(module: nn.Module) -> list[torch.Tensor]:
-        return [*module.parameters(), *module.buffers()]
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # averaged: float parameters and buffers
+        self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # copied: integer buffers
+        mine = [*self.module.parameters(), *self.module.buffers()]
+        for e, m in zip(mine, [*module.parameters(), *module.buffers()], strict=True):
+            (self._pairs if e.dtype.is_floating_point else self._copies).append((e, m))
 
     @torch.no_grad()
     def update(self) -> None:
