@@ -66,7 +66,8 @@ import numpy as np
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from _report import default_out, report, require  # noqa: E402
 
@@ -179,8 +180,10 @@ def original_pool(work: Path, n: int | None, teacher_dir: str, device: torch.dev
     """A clean/label pair made of Fashion-MNIST train[30000:60000] in the teacher's own rendering."""
     clean, label = work / "orig_clean", work / "orig_label"
     record = TeacherRecord.load(teacher_dir)
-    if (label / "report.json").is_file() and json.loads((label / "report.json").read_text())["n"] == n:
-        return str(clean), str(label)
+    if (label / "report.json").is_file():
+        made = json.loads((label / "report.json").read_text())
+        if made["n"] == n and made["teacher_sha256"] == record.sha256:
+            return str(clean), str(label)
     source = (record.demo or {}).get("settings", {}).get("source", "/usr/share/datasets/fashion-mnist")
     raw, _ = load_fashion_mnist(source, "train")
     images = fashion_mnist_rgb32(raw[30000 : 30000 + n if n else 60000])
@@ -202,19 +205,35 @@ def original_pool(work: Path, n: int | None, teacher_dir: str, device: torch.dev
 def oracle_pool(work: Path, clean_dir: str, label_dir: str, teacher_dir: str, truth: str) -> tuple[str, str]:
     """The clean/label pair without the images the world's truth calls junk (demo only: an oracle)."""
     out_clean, out_label = work / "oracle_clean", work / "oracle_label"
-    if (out_label / "logits.npy").is_file():
-        return str(out_clean), str(out_label)
     record = TeacherRecord.load(teacher_dir)
     clean = CleanSet.load(clean_dir)
     labels = PseudoLabels.load(label_dir, clean, record)
+    source = {"oracle_of": clean.fingerprint, "teacher_sha256": record.sha256}
+    if (out_label / "report.json").is_file():
+        made = json.loads((out_label / "report.json").read_text())
+        if all(made.get(k) == v for k, v in source.items()):
+            return str(out_clean), str(out_label)
     keep = np.flatnonzero(WorldTruth.load(truth).labels(clean.keys, record.classes) >= 0)
     out_clean.mkdir(parents=True, exist_ok=True)
     np.save(out_clean / "images.npy", np.asarray(clean.images[keep]))
     kept = [dataclasses.asdict(clean.kept[i]) for i in keep]
     CleanSet.save_index(out_clean, kept, {"kept": len(kept), "oracle_of": clean_dir}, record.classes)
-    report = {"teacher_sha256": record.sha256, "images_fingerprint": CleanSet.load(out_clean).fingerprint}
+    report = {**source, "images_fingerprint": CleanSet.load(out_clean).fingerprint}
     PseudoLabels.save(out_label, labels.logits[keep], report)
     return str(out_clean), str(out_label)
+
+
+def inputs_fingerprint(clean_dir: str, label_dir: str) -> str:
+    """What a run's result depends on besides its settings: the pool's images and teacher logits, and
+    the code of the distill stage (the ``.py`` files dvc.yaml lists as its deps). A run is reused only
+    when all of it is unchanged, the same rule by which DVC would not rerun the stage."""
+    h = hashlib.sha256()
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]["distill"]
+    for dep in sorted(d for d in stage["deps"] if d.endswith(".py")):
+        h.update(dep.encode() + b"\0" + (REPO / dep).read_bytes())
+    h.update(CleanSet.load(clean_dir).fingerprint.encode())
+    h.update((Path(label_dir) / "logits.npy").read_bytes())
+    return h.hexdigest()
 
 
 def train_one(raw: dict[str, Any], threads: int) -> tuple[Path, float]:
@@ -224,7 +243,7 @@ def train_one(raw: dict[str, Any], threads: int) -> tuple[Path, float]:
     out = Path(raw["out_dir"])
     t0 = time.time()
     if (out / "student.json").is_file():
-        return out, -1.0  # reused from an earlier invocation (same settings, seed and code path)
+        return out, -1.0  # reused from an earlier invocation (same settings, seed, pool and code)
     shutil.rmtree(out, ignore_errors=True)
     distill_stage.run(build(DistillConfig, raw, "distill"))
     return out, time.time() - t0
@@ -309,6 +328,7 @@ def main() -> None:
     names = [n for n in variants if not args.variants or any(v in n for v in args.variants)]
     t_all = time.time()
     tasks = []
+    fingerprints: dict[tuple[str, str], str] = {}
     for name in names:
         over = dict(variants[name])
         cfg_raw = merge(base, {k: v for k, v in over.items() if not k.startswith("_")})
@@ -322,8 +342,13 @@ def main() -> None:
             clean, label = original_pool(work, pool_n if args.quick else None, teacher_dir, device)
             cfg_raw = merge(cfg_raw, {"clean_dir": clean, "label_dir": label, "truth": None, "holdout": 0.0})
         rows[name] = {"val": [], "test": [], "seconds": []}
+        pool = (cfg_raw.get("clean_dir", "data/clean"), cfg_raw.get("label_dir", "data/label"))
+        if pool not in fingerprints:
+            fingerprints[pool] = inputs_fingerprint(*pool)
+        inputs = fingerprints[pool]
         for seed in args.seeds:
-            slug = hashlib.sha256(json.dumps([cfg_raw, seed, args.world], sort_keys=True).encode()).hexdigest()[:12]
+            key = json.dumps([cfg_raw, seed, args.world, inputs], sort_keys=True)
+            slug = hashlib.sha256(key.encode()).hexdigest()[:12]
             out = work / "runs" / slug
             tasks.append(
                 (name, seed, merge(cfg_raw, {"seed": seed, "out_dir": str(out), "metrics_dir": str(out / "metrics")}))
