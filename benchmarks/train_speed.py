@@ -188,10 +188,16 @@ def ours(pair: str, device: torch.device, n: int, batch: int, steps: int, compil
     return {"steps": step_rate, "epoch": n / (n / step_rate + sel)}
 
 
-def busy_fraction(pair: str, device: torch.device, n: int, batch: int, steps: int) -> float:
+# operator families, by substring of the profiler's operator name (first match wins)
+FAMILIES = (("convolution", "convolutions"), ("batch_norm", "batch norm"), ("sgd", "optimiser"))
+
+
+def busy_fraction(pair: str, device: torch.device, n: int, batch: int, steps: int) -> tuple[float, dict[str, float]]:
     """Kernel time / wall time over ``steps`` training steps of our trainer (torch.profiler): on CUDA
     the share of step time the GPU is busy; on a CPU (``--busy``, ``--dry``) the share spent inside
-    torch operators, which runs the same code path without a GPU."""
+    torch operators, which runs the same code path without a GPU. Also each operator family's share
+    of the wall time (``FAMILIES``, the rest as "other operators"), self time only, so nothing
+    counts twice."""
     from torch.profiler import ProfilerActivity, profile
 
     method, images = build(pair, device, n)
@@ -222,9 +228,12 @@ def busy_fraction(pair: str, device: torch.device, n: int, batch: int, steps: in
             one()
         sync(device)
         wall = time.perf_counter() - t0
-    events = prof.key_averages()
-    busy_us = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in events)
-    return busy_us / 1e6 / wall
+    shares: dict[str, float] = {label: 0.0 for _, label in FAMILIES} | {"other operators": 0.0}
+    for e in prof.key_averages():
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        label = next((lab for key, lab in FAMILIES if key in e.key.lower()), "other operators")
+        shares[label] += us / 1e6 / wall
+    return sum(shares.values()), shares
 
 
 def main() -> None:
@@ -270,9 +279,14 @@ def main() -> None:
             lines.append(line)
             print(line, flush=True)
         if args.busy:
-            busy = busy_fraction(pair, device, args.pool, batch, args.steps)
+            busy, shares = busy_fraction(pair, device, args.pool, batch, args.steps)
             what = "GPU busy" if device.type == "cuda" else "inside torch operators"
-            notes.append(f"{pair}: {what} {100 * busy:.0f}% of step time (ours).")
+            parts = ", ".join(f"{label} {100 * share:.0f}%" for label, share in shares.items())
+            notes.append(f"{pair}: {what} {100 * busy:.0f}% of step time (ours): {parts}.")
+            conv = shares["convolutions"]
+            if conv > 0:  # the steps ratio if everything but the convolutions took no time at all
+                best = variants[0][1]["steps"] / conv / ref["steps"]
+                notes[-1] += f" Convolutions alone would allow at most {best:.2f}x the reference's steps."
             print(notes[-1], flush=True)
     if notes:
         lines += ["", *notes]

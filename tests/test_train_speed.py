@@ -21,8 +21,12 @@ def train_speed() -> ModuleType:
 def test_busy_fraction_times_more_steps_than_the_selection_keeps(train_speed: ModuleType) -> None:
     """Zero teacher logits and an untrained student: the selection keeps one batch; the profiled
     loop needs steps + 3 of them all the same."""
-    busy = train_speed.busy_fraction("demo", torch.device("cpu"), n=48, batch=16, steps=6)
+    busy, shares = train_speed.busy_fraction("demo", torch.device("cpu"), n=48, batch=16, steps=6)
     assert 0 < busy <= 2  # operator time over wall time (intra-op threads may overlap a little)
+    assert list(shares) == ["convolutions", "batch norm", "optimiser", "other operators"]
+    assert sum(shares.values()) == pytest.approx(busy)
+    # a resnet8 step is mostly convolutions, forward and backward; each family is found by name
+    assert shares["convolutions"] == max(shares.values()) and shares["batch norm"] > 0 and shares["optimiser"] > 0
 
 
 def test_cycle_batches_reshuffles_a_small_pool(train_speed: ModuleType) -> None:
