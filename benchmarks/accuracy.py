@@ -358,7 +358,13 @@ def main() -> None:
         futures = {ex.submit(train_one, cfg, threads): (name, seed) for name, seed, cfg in tasks}
         for fut in as_completed(futures):
             name, seed = futures[fut]
-            out, seconds = fut.result()
+            try:
+                out, seconds = fut.result()
+            except Exception:  # stop now, not after every other run: cancel what has not started
+                for other in futures:
+                    other.cancel()
+                print(f"{name} seed {seed} failed; waiting for the runs already started", file=sys.stderr, flush=True)
+                raise
             model, _ = load_exported(out)
             res = rows[name]
             res["val"].append(accuracy(model, *val, size, chans))

@@ -96,6 +96,19 @@ def test_labels_must_come_from_this_teacher_and_this_clean_set(tmp_path: Path) -
         PseudoLabels.load(tmp_path / "label", clean, record())
 
 
+def test_a_kept_record_without_the_optional_keys_gets_their_defaults(tmp_path: Path) -> None:
+    """A pool made outside the clean stage (the benchmark's upper reference) writes only the four
+    keys a record needs; the rest take the record's defaults, and a missing required key is named."""
+    np.save(tmp_path / "images.npy", np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    kept = [{"sha256": f"{i}" * 64, "path": "", "class_name": "", "class_index": -1} for i in range(2)]
+    CleanSet.save_index(tmp_path, kept, {"kept": 2}, CLASSES)
+    clean = CleanSet.load(tmp_path)
+    assert clean.kept[1].classes == [] and clean.kept[1].num_urls == 1 and clean.kept[1].query is None
+    assert clean.query_classes(CLASSES).tolist() == [-1, -1]
+    with pytest.raises(ArtifactError, match="kept record 1 lacks class_index"):
+        CleanSet.save_index(tmp_path, [kept[0], {k: v for k, v in kept[1].items() if k != "class_index"}], {}, CLASSES)
+
+
 def test_class_lists_are_compared_by_name() -> None:
     check_classes(["Cat", "dog"], ["dog", "cat"], "teacher", "crawl")  # order and case do not matter
     with pytest.raises(ArtifactError, match="only in teacher: 'bird'; only in crawl: 'dog'"):
