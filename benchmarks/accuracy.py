@@ -387,11 +387,14 @@ def main() -> None:
     for name in ("KD³ default (web)", "KD³ faithful (web)", "DFND (web)"):
         if kd and up and name in rows and rows[name]["test"]:
             lo, hi, got = (statistics.mean(x["test"]) for x in (kd, up, rows[name]))
-            closed = 100 * (got - lo) / (hi - lo)
-            summary.append(
-                f"- {name}: closes {closed:.0f}% of the gap from KD (web) to the upper "
-                f"reference ({100 * lo:.1f} → {100 * hi:.1f})."
-            )
+            if got >= lo:
+                closed = 100 * (got - lo) / (hi - lo)
+                summary.append(
+                    f"- {name}: closes {closed:.0f}% of the gap from KD (web) to the upper "
+                    f"reference ({100 * lo:.1f} → {100 * hi:.1f})."
+                )
+            else:
+                summary.append(f"- {name}: {100 * (lo - got):.1f} points below KD (web) ({100 * lo:.1f}).")
     settings = (
         f"Student `{base['student']}`, {base['epochs']} epochs, batch {base['batch_size']}, lr {base['lr']} "
         f"({base['lr_schedule']}), seeds {args.seeds}, device {device}; web pool {pool_n} images; "
