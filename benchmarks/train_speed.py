@@ -189,7 +189,12 @@ def ours(pair: str, device: torch.device, n: int, batch: int, steps: int, compil
 
 
 # operator families, by substring of the profiler's operator name (first match wins)
-FAMILIES = (("convolution", "convolutions"), ("batch_norm", "batch norm"), ("sgd", "optimiser"))
+FAMILIES = (
+    ("convolution", "convolutions"),
+    ("batch_norm", "batch norm"),
+    ("sgd", "optimiser"),
+    ("_foreach", "optimiser"),
+)
 
 
 def busy_fraction(pair: str, device: torch.device, n: int, batch: int, steps: int) -> tuple[float, dict[str, float]]:
