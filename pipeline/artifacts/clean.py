@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
-from dataclasses import MISSING, Field, dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +14,6 @@ import numpy as np
 from crawl.classes import normalise
 from kd3util import write_json
 from pipeline.artifacts import ArtifactError, array_fingerprint, index_by_name, load_npy, read_json, read_jsonl
-
-
-def _default(f: Field[Any]) -> Any:
-    """A dataclass field's default value (None for a required field)."""
-    return f.default_factory() if f.default_factory is not MISSING else (None if f.default is MISSING else f.default)
 
 
 @dataclass(frozen=True)
@@ -114,13 +109,16 @@ class CleanSet:
         images = np.load(folder / "images.npy", mmap_mode="r", allow_pickle=False)
         if len(images) != len(kept):
             raise ArtifactError(f"{folder}: {len(images)} rows in images.npy but {len(kept)} kept records")
-        fields = [f for f in dataclasses.fields(KeptImage) if f.name != "row"]
-        required = [f.name for f in fields if f.default is MISSING and f.default_factory is MISSING]
+        required = [
+            x.name
+            for x in dataclasses.fields(KeptImage)
+            if x.name != "row" and x.default is MISSING and x.default_factory is MISSING
+        ]
         with open(folder / "kept.jsonl", "w", encoding="utf-8") as f:
             for row, o in enumerate(kept):
                 if absent := [k for k in required if k not in o]:
                     raise ArtifactError(f"{folder}: kept record {row} lacks {', '.join(absent)}")
-                rec = {"row": row, **{x.name: o.get(x.name, _default(x)) for x in fields}}
+                rec = dataclasses.asdict(KeptImage.from_dict({**o, "row": row}))  # absent keys: the defaults
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         fingerprint = array_fingerprint(images)
         write_json(folder / "report.json", {**report, "class_names": list(classes), "images_fingerprint": fingerprint})
