@@ -96,10 +96,10 @@ def query_log_prior(query: torch.Tensor, num_classes: int, rho: float) -> torch.
     k = num_classes
     rest = math.log((1 - rho) / (k - 1)) if rho < 1 else -30.0
     hit = math.log(rho) if rho > 0 else -30.0
-    # where, not boolean-mask indexing: a masked index needs the mask's count on the host (a GPU sync)
+    # where with Python scalars, not boolean-mask indexing (it needs the mask's count on the host, a
+    # GPU sync) nor scalar tensors (a host-to-device copy each, every step)
     is_query = query[:, None] == torch.arange(k, device=query.device)
-    out = torch.where(is_query, torch.tensor(hit, device=query.device), torch.tensor(rest, device=query.device))
-    return torch.where((query >= 0)[:, None], out, torch.tensor(-math.log(k), device=query.device))
+    return torch.where((query >= 0)[:, None], torch.where(is_query, hit, rest), -math.log(k))
 
 
 def transition_matrix(theta: torch.Tensor, accuracy: float) -> torch.Tensor:
