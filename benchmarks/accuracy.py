@@ -176,14 +176,20 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def made_from(label_dir: Path, source: dict[str, Any]) -> bool:
+    """Whether the pool whose labels are in ``label_dir`` was made from ``source`` (its report holds
+    each of those values), so that it can be reused."""
+    report = label_dir / "report.json"
+    return report.is_file() and all(json.loads(report.read_text()).get(k) == v for k, v in source.items())
+
+
 def original_pool(work: Path, n: int | None, teacher_dir: str, device: torch.device) -> tuple[str, str]:
     """A clean/label pair made of Fashion-MNIST train[30000:60000] in the teacher's own rendering."""
     clean, label = work / "orig_clean", work / "orig_label"
     record = TeacherRecord.load(teacher_dir)
-    if (label / "report.json").is_file():
-        made = json.loads((label / "report.json").read_text())
-        if made["n"] == n and made["teacher_sha256"] == record.sha256:
-            return str(clean), str(label)
+    source = {"teacher_sha256": record.sha256, "n": n}
+    if made_from(label, source):
+        return str(clean), str(label)
     source = (record.demo or {}).get("settings", {}).get("source", "/usr/share/datasets/fashion-mnist")
     raw, _ = load_fashion_mnist(source, "train")
     images = fashion_mnist_rgb32(raw[30000 : 30000 + n if n else 60000])
@@ -197,8 +203,7 @@ def original_pool(work: Path, n: int | None, teacher_dir: str, device: torch.dev
     logits = predict(
         teacher, images, input_size=record.input_size, in_chans=record.in_chans, batch_size=512, device=device
     )
-    report = {"teacher_sha256": record.sha256, "images_fingerprint": CleanSet.load(clean).fingerprint, "n": n}
-    PseudoLabels.save(label, logits, report)
+    PseudoLabels.save(label, logits, {**source, "images_fingerprint": CleanSet.load(clean).fingerprint})
     return str(clean), str(label)
 
 
@@ -209,10 +214,8 @@ def oracle_pool(work: Path, clean_dir: str, label_dir: str, teacher_dir: str, tr
     clean = CleanSet.load(clean_dir)
     labels = PseudoLabels.load(label_dir, clean, record)
     source = {"oracle_of": clean.fingerprint, "teacher_sha256": record.sha256}
-    if (out_label / "report.json").is_file():
-        made = json.loads((out_label / "report.json").read_text())
-        if all(made.get(k) == v for k, v in source.items()):
-            return str(out_clean), str(out_label)
+    if made_from(out_label, source):
+        return str(out_clean), str(out_label)
     keep = np.flatnonzero(WorldTruth.load(truth).labels(clean.keys, record.classes) >= 0)
     out_clean.mkdir(parents=True, exist_ok=True)
     np.save(out_clean / "images.npy", np.asarray(clean.images[keep]))
